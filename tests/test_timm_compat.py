@@ -1,0 +1,42 @@
+"""Checkpoint compatibility with timm: same keys, strict load, same logits in eval mode."""
+
+import pytest
+import torch
+
+from devit_mq.model import VisionTransformer, preset
+
+from .timm_reference import import_timm
+
+timm = import_timm()
+pytestmark = pytest.mark.skipif(timm is None, reason="timm (test-only reference) is not installed")
+
+
+@pytest.mark.parametrize("name", [
+    "vit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "vit_small_patch16_224",
+])
+def test_timm_state_dict_loads_strictly_and_gives_same_logits(name):
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False).eval()
+    # give every parameter a non-trivial value, as a trained checkpoint would have
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = VisionTransformer(preset(name)).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+        # forward_features = timm's final-norm prefix tokens
+        prefix = reference.forward_features(x)[:, : ours.num_prefix_tokens]
+        torch.testing.assert_close(ours.forward_features(x), prefix, rtol=1e-5, atol=1e-5)
+
+
+def test_our_state_dict_loads_into_timm():
+    ours = VisionTransformer(preset("deit_tiny_distilled_patch16_224", depth=2)).eval()
+    reference = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2).eval()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
