@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ATTENTION_BACKENDS = ("torch", "numba", "cuda", "auto")
+ATTENTION_BACKENDS = ("torch", "naive", "numba", "cuda", "auto")
 POS_EMBEDS = ("learn", "sincos")
 STEMS = ("patch", "conv")
 
