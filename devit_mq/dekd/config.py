@@ -1,0 +1,249 @@
+"""The training configuration: typed sections loaded from YAML with errors that name the key path.
+
+Everything that changes a result lives here, so the bundle can record the exact config it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import AugmentConfig
+from ..model import ConfigError, ViTConfig
+
+CODECS = ("fp32", "fp16", "int8")
+FINETUNE_MODES = ("joint", "frozen")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "mnist5k"
+    seed: int = 0
+    test_size: int | float = 1000
+    root: str | None = None
+    image_size: int | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """One stage's optimisation: AdamW, linear warm-up then cosine decay to ``min_lr``."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0 or self.warmup_epochs < 0:
+            raise ConfigError("train: epochs >= 0, batch_size > 0, lr > 0 and warmup_epochs >= 0 are required")
+
+
+@dataclass(frozen=True)
+class GroupsSection:
+    num_groups: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_groups < 1:
+            raise ConfigError(f"groups.num_groups must be >= 1, got {self.num_groups}")
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    model: dict[str, Any] = field(default_factory=dict)   # ViTConfig fields; data shape filled in
+    checkpoint: str | None = None                           # local timm-format weights (strict keys)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+@dataclass(frozen=True)
+class StudentsSection:
+    models: list[dict[str, Any]] = field(default_factory=list)  # one per group, or one for all
+    relation_weight: float = 1.0
+    relation_weights: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.3])  # Q, K, V
+    relation_block: int | None = None          # student block; None = the middle one
+    teacher_relation_block: int | None = None  # teacher block; None = the middle one
+    ce_weight: float = 0.5
+    kd_weight: float = 0.5
+    group_teacher_epochs: int = 0              # > 0: fine-tune a teacher copy per group first
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        if len(self.relation_weights) != 3:
+            raise ConfigError(f"students.relation_weights needs 3 values (Q, K, V), got {self.relation_weights}")
+
+
+@dataclass(frozen=True)
+class FusionSection:
+    finetune: str = "joint"             # joint: students fine-tuned with the head; frozen: head only
+    student_lr_scale: float = 0.1       # students' lr relative to the head's when joint
+    feature_dropout: float = 0.2        # probability that a sample loses one whole sub-model
+    codecs: list[str] = field(default_factory=lambda: list(CODECS))  # simulated per batch
+    mse_weight: float = 1.0
+    ce_weight: float = 0.5
+    kd_weight: float = 0.5
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ConfigError(f"fusion.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        bad = [c for c in self.codecs if c not in CODECS]
+        if bad or not self.codecs:
+            raise ConfigError(f"fusion.codecs must be a non-empty list from {CODECS}, got {self.codecs}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ConfigError(f"fusion.feature_dropout must be in [0, 1), got {self.feature_dropout}")
+
+
+@dataclass(frozen=True)
+class AblationSection:
+    enabled: bool = True  # re-run students + fusion without the relation loss, same budget
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    bundle: str = "runs/bundle"
+    work_dir: str | None = None   # stage checkpoints; default: "<bundle>.work"
+    storage_dtype: str = "float16"
+    ship_teacher: bool = True
+
+
+@dataclass(frozen=True)
+class DEKDConfig:
+    name: str = "dekd"
+    seed: int = 0
+    threads: int = 2
+    data: DataSection = field(default_factory=DataSection)
+    groups: GroupsSection = field(default_factory=GroupsSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    students: StudentsSection = field(default_factory=StudentsSection)
+    fusion: FusionSection = field(default_factory=FusionSection)
+    ablation: AblationSection = field(default_factory=AblationSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> DEKDConfig:
+        return dataclasses.replace(self, **changes)
+
+    def teacher_config(self, image_shape: tuple[int, int, int], num_classes: int) -> ViTConfig:
+        return _model_config(self.teacher.model, image_shape, num_classes, "teacher.model")
+
+    def student_configs(self, image_shape: tuple[int, int, int], groups: list[list[int]]) -> list[ViTConfig]:
+        models = self.students.models or [{}]
+        if len(models) == 1:
+            models = models * len(groups)
+        if len(models) != len(groups):
+            raise ConfigError(f"students.models: {len(models)} models for {len(groups)} groups (give 1 or "
+                              f"{len(groups)})")
+        return [_model_config(m, image_shape, len(g), f"students.models[{i}]")
+                for i, (m, g) in enumerate(zip(models, groups, strict=True))]
+
+
+def _model_config(data: dict[str, Any], image_shape: tuple[int, int, int], num_classes: int,
+                  where: str) -> ViTConfig:
+    """ViTConfig from a YAML mapping; input size, channels and classes come from the data."""
+    h, w, c = image_shape
+    if h != w:
+        raise ConfigError(f"{where}: images must be square, data has {h}x{w}")
+    fixed = {"img_size": h, "in_chans": c, "num_classes": num_classes}
+    clash = {k: data[k] for k in fixed if k in data and data[k] != fixed[k]}
+    if clash:
+        raise ConfigError(f"{where}: {clash} contradicts the data ({fixed})")
+    return ViTConfig.from_dict({**data, **fixed}, where)
+
+
+# -- generic typed loading -------------------------------------------------------------------------
+_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true/false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp in _SCALARS:
+        accepted, what = _SCALARS[tp]
+        # bool is an int subclass: `true` must not pass for a number
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{where}: expected {what}, got {value!r}")
+        return float(value) if tp is float else value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking unknown keys and each field's type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        path = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ConfigError(f"unknown config key(s) {path}; known keys here: {names}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def config_from_dict(data: Any) -> DEKDConfig:
+    return build(DEKDConfig, data, "")
+
+
+def load_config(path: str | Path) -> DEKDConfig:
+    """Read and validate a YAML training config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = {} if data is None else data
+    if isinstance(data, dict) and "name" not in data:
+        data = {**data, "name": path.stem}
+    return config_from_dict(data)

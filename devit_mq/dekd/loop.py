@@ -1,0 +1,76 @@
+"""One optimisation loop for every stage: AdamW, warm-up + cosine, gradient clipping, tqdm.
+
+A stage supplies ``loss_fn(batch_indices) -> loss``; batching, shuffling and the schedule live here."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import TrainSection
+
+
+def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
+    """No weight decay on biases, norms and tokens (1-D tensors), as timm does."""
+    decay, no_decay = [], []
+    for _, p in params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def fit(
+    groups: list[dict], loss_fn: Callable[[torch.Tensor], torch.Tensor], num_samples: int,
+    cfg: TrainSection, seed: int, desc: str, modules: Iterable[nn.Module] = (),
+) -> dict[str, float]:
+    """Train for ``cfg.epochs`` over ``num_samples`` shuffled indices; returns timing and last loss.
+
+    Each param group may carry ``lr_scale`` (e.g. fine-tuned students under a fresh head)."""
+    modules = list(modules)
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    steps_per_epoch = math.ceil(num_samples / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    start, step, last = time.perf_counter(), 0, float("nan")
+    with tqdm(total=total, desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True) as bar:
+        for epoch in range(cfg.epochs):
+            for m in modules:
+                m.train()
+            order = torch.randperm(num_samples, generator=generator)
+            running = 0.0
+            for i in range(steps_per_epoch):
+                lr = warmup_cosine(step, total, warmup, cfg.lr, cfg.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                loss = loss_fn(order[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {i}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                step += 1
+                last = loss.item()
+                running += last
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}", lr=f"{lr:.2e}", refresh=False)
+    for m in modules:
+        m.eval()
+    return {"seconds": time.perf_counter() - start, "epochs": cfg.epochs, "steps": total, "final_loss": last}

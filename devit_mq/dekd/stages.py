@@ -1,0 +1,180 @@
+"""The three DEKD training stages: teacher, per-group sub-task distillation, fusion/ensemble."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..model import ConfigError, DeViTEnsemble, FusionConfig, FusionHead, VisionTransformer, ViTConfig
+from .batches import Batches
+from .config import FusionSection, StudentsSection, TeacherSection, TrainSection
+from .loop import fit, param_groups
+from .losses import feature_dropout_mask, fusion_loss, hard_kd, qkv_relation_loss, restrict_logits
+from .quant import codec_ste
+
+
+def _logits(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return model.forward_head(tokens[:, : model.num_prefix_tokens])
+
+
+def _mean_logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+
+
+def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> None:
+    """Load timm-format weights (safetensors, or a torch file loaded with ``weights_only``), strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"teacher.checkpoint: {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_ema"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"teacher.checkpoint {path} does not match teacher.model: {exc}") from exc
+
+
+def _supervised(model: VisionTransformer, data: Batches, train: TrainSection, seed: int, desc: str,
+                classes: Sequence[int] | None = None) -> dict[str, float]:
+    """Plain label-smoothed CE training (the teacher; a per-group teacher with ``classes``)."""
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        x, y = data.get(idx, train.augment)
+        logits = _mean_logits(model(x))
+        if classes is not None:
+            logits = restrict_logits(logits, classes)
+        return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing)
+
+    groups = param_groups(model.named_parameters(), train.weight_decay, train.lr)
+    return fit(groups, loss_fn, len(data), train, seed, desc, [model])
+
+
+def train_teacher(cfg: ViTConfig, section: TeacherSection, data: Batches, seed: int) -> tuple[VisionTransformer, dict]:
+    torch.manual_seed(seed)
+    model = VisionTransformer(cfg)
+    if section.checkpoint:
+        load_timm_checkpoint(model, section.checkpoint)
+    stats = {"epochs": 0, "seconds": 0.0}
+    if section.train.epochs:
+        stats = _supervised(model, data, section.train, seed, "teacher")
+    return model.eval(), stats
+
+
+def _middle(model: VisionTransformer, block: int | None) -> int:
+    return len(model.blocks) // 2 if block is None else block
+
+
+def group_data(data: Batches, group: Sequence[int]) -> Batches:
+    """The group's samples, with labels re-indexed to the group's local order."""
+    group_t = torch.tensor(list(group))
+    sub = data.subset(torch.isin(data.labels, group_t))
+    sub.labels = torch.searchsorted(group_t, sub.labels)
+    return sub
+
+
+def distill_student(
+    teacher: VisionTransformer, cfg: ViTConfig, group: Sequence[int], section: StudentsSection,
+    data: Batches, seed: int, desc: str, relation_weight: float,
+) -> tuple[VisionTransformer, dict]:
+    """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + relation KL."""
+    torch.manual_seed(seed)
+    sub = group_data(data, group)
+    stats: dict = {}
+    if section.group_teacher_epochs:
+        teacher = copy.deepcopy(teacher)
+        stats["group_teacher"] = _supervised(
+            teacher, sub, dataclasses.replace(section.train, epochs=section.group_teacher_epochs),
+            seed, f"{desc} teacher", classes=group)
+    teacher.eval().requires_grad_(False)
+    student = VisionTransformer(cfg)
+    student.distilled_training = cfg.distilled
+    t_block, s_block = _middle(teacher, section.teacher_relation_block), _middle(student, section.relation_block)
+    train = section.train
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        x, y = sub.get(idx, train.augment)
+        with torch.no_grad():
+            t_tokens, t_qkv = teacher.forward_tokens(x, qkv_block=t_block if relation_weight else None)
+            t_logits = restrict_logits(_mean_logits(_logits(teacher, t_tokens)), group)
+        s_tokens, s_qkv = student.forward_tokens(x, qkv_block=s_block if relation_weight else None)
+        out = _logits(student, s_tokens)
+        cls_logits, kd_logits = out if isinstance(out, tuple) else (out, out)  # DeiT: KD on the DIST head
+        loss = section.ce_weight * F.cross_entropy(cls_logits, y, label_smoothing=train.label_smoothing)
+        loss = loss + section.kd_weight * hard_kd(kd_logits, t_logits)
+        if relation_weight:
+            loss = loss + relation_weight * qkv_relation_loss(
+                t_qkv, s_qkv, section.relation_weights, teacher.num_prefix_tokens, student.num_prefix_tokens)
+        return loss
+
+    groups = param_groups(student.named_parameters(), train.weight_decay, train.lr)
+    stats.update(fit(groups, loss_fn, len(sub), train, seed, desc, [student]))
+    student.distilled_training = False
+    return student.eval(), stats
+
+
+def apply_wire(parts: list[torch.Tensor], keep: torch.Tensor | None, codec: str) -> list[torch.Tensor]:
+    """Feature dropout (zero a whole part per sample) then the codec simulation, per part."""
+    out = []
+    for i, part in enumerate(parts):
+        if keep is not None:
+            part = part * keep[:, i].view(-1, 1, 1)
+        out.append(codec_ste(part, codec))
+    return out
+
+
+def build_ensemble(students: Sequence[VisionTransformer], teacher_cfg: ViTConfig, num_classes: int) -> DeViTEnsemble:
+    prefix = students[0].num_prefix_tokens
+    fusion = FusionHead(FusionConfig(tuple(s.config.embed_dim for s in students), teacher_cfg.embed_dim,
+                                     num_classes, prefix))
+    return DeViTEnsemble(list(students), fusion)
+
+
+def train_fusion(
+    teacher: VisionTransformer, students: Sequence[VisionTransformer], section: FusionSection,
+    data: Batches, num_classes: int, seed: int, desc: str = "fusion",
+) -> tuple[DeViTEnsemble, dict]:
+    """Ensemble stage: MSE(mapped token, teacher token) + 0.5 CE + 0.5 hard KD, with feature dropout
+    and codec-aware training; students fine-tuned jointly or frozen."""
+    torch.manual_seed(seed)
+    teacher.eval().requires_grad_(False)
+    ensemble = build_ensemble([copy.deepcopy(s) for s in students], teacher.config, num_classes)
+    joint = section.finetune == "joint"
+    ensemble.submodels.requires_grad_(joint)
+    train = section.train
+    generator = torch.Generator().manual_seed(seed + 1)
+    codecs = section.codecs
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        x, y = data.get(idx, train.augment)
+        with torch.no_grad():
+            t_tokens = teacher.forward_tokens(x)[0]
+            t_logits = _mean_logits(_logits(teacher, t_tokens))
+        if not joint:
+            ensemble.submodels.eval()
+        with torch.set_grad_enabled(joint):
+            parts = ensemble.features(x)
+        keep = feature_dropout_mask(len(y), len(parts), section.feature_dropout, generator)
+        codec = codecs[int(torch.randint(len(codecs), (1,), generator=generator))]
+        cat = torch.cat(apply_wire(parts, keep, codec), dim=-1)
+        logits, mapped = ensemble.fusion.forward_mapped(cat)
+        return fusion_loss(logits, mapped, y, t_logits, t_tokens[:, : teacher.num_prefix_tokens],
+                           section.mse_weight, section.ce_weight, section.kd_weight, train.label_smoothing)
+
+    groups = param_groups(ensemble.fusion.named_parameters(), train.weight_decay, train.lr)
+    if joint:
+        for g in param_groups(ensemble.submodels.named_parameters(), train.weight_decay, train.lr):
+            groups.append({**g, "lr_scale": section.student_lr_scale})
+    modules = [ensemble] if joint else [ensemble.fusion]
+    stats = fit(groups, loss_fn, len(data), train, seed, desc, modules)
+    return ensemble.eval(), stats

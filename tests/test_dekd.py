@@ -1,0 +1,171 @@
+"""DEKD building blocks on hand-computed cases: class split, losses, the wire quantization, config."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from devit_mq.dekd import (
+    codec_ste,
+    feature_dropout_mask,
+    fusion_loss,
+    hard_kd,
+    int8_dequantize,
+    int8_quantize,
+    qkv_relation_loss,
+    relation_kl,
+    simulate_codec,
+    split_classes,
+)
+from devit_mq.dekd.config import config_from_dict
+from devit_mq.dekd.loop import warmup_cosine
+from devit_mq.dekd.losses import restrict_logits
+from devit_mq.model import ConfigError
+
+
+@pytest.mark.parametrize("classes,groups", [(10, 2), (10, 3), (10, 4), (100, 7), (5, 5)])
+def test_split_is_a_near_equal_partition(classes, groups):
+    split = split_classes(classes, groups, seed=0)
+    assert len(split) == groups
+    assert sorted(c for g in split for c in g) == list(range(classes))
+    sizes = [len(g) for g in split]
+    assert max(sizes) - min(sizes) <= 1
+    assert all(g == sorted(g) for g in split)
+
+
+def test_split_is_seeded():
+    assert split_classes(10, 2, seed=0) == split_classes(10, 2, seed=0)
+    assert split_classes(10, 2, seed=0) != split_classes(10, 2, seed=1)
+    with pytest.raises(ConfigError):
+        split_classes(3, 4)
+
+
+def test_relation_kl_hand_computed():
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # X Xᵀ/√2 = diag(1/√2)
+    student = torch.zeros(1, 2, 3)                      # uniform relation, other width
+    p = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)
+    expected = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+    assert relation_kl(teacher, student).item() == pytest.approx(expected, rel=1e-6)
+    assert relation_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="same"):
+        relation_kl(teacher, torch.zeros(1, 3, 2))
+
+
+def test_qkv_relation_loss_weights_q_k_v():
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 12)  # packed [q | k | v], D=4
+    s = t.clone()
+    s[..., 8:] = torch.randn(2, 5, 4)  # only V differs
+    loss = qkv_relation_loss(t, s, (0.2, 0.1, 0.3))
+    assert loss.item() == pytest.approx(0.3 * relation_kl(t[..., 8:], s[..., 8:]).item(), rel=1e-6)
+    s2 = torch.randn(2, 5, 18)  # a wider student (D=6) is compared through its relations
+    assert qkv_relation_loss(t, s2).item() > 0
+
+
+def test_qkv_relation_loss_drops_the_dist_token():
+    torch.manual_seed(1)
+    t = torch.randn(1, 4, 6)
+    s = torch.cat([t[:, :1], torch.randn(1, 1, 6), t[:, 1:]], dim=1)  # DeiT student: extra DIST token
+    assert qkv_relation_loss(t, s, student_prefix=2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hard_kd_and_restriction_hand_computed():
+    student = torch.tensor([[1.0, 2.0, 3.0]])
+    teacher = torch.tensor([[0.0, 5.0, 1.0]])
+    expected = math.log(math.e + math.e ** 2 + math.e ** 3) - 2.0
+    assert hard_kd(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert restrict_logits(logits, [3, 1]).tolist() == [[3.0, 1.0]]
+
+
+def test_fusion_loss_terms():
+    logits = torch.tensor([[2.0, 0.0]])
+    mapped = torch.tensor([[[1.0, 1.0]]])
+    t_tok = torch.tensor([[[0.0, 3.0]]])
+    y = torch.tensor([1])
+    t_logits = torch.tensor([[0.0, 1.0]])
+    only_mse = fusion_loss(logits, mapped, y, t_logits, t_tok, 1.0, 0.0, 0.0)
+    assert only_mse.item() == pytest.approx((1 + 4) / 2)
+    ce = F.cross_entropy(logits, y).item()
+    full = fusion_loss(logits, mapped, y, t_logits, t_tok, 1.0, 0.5, 0.5)
+    assert full.item() == pytest.approx(2.5 + ce)  # teacher argmax = label here, so KD = CE
+    # two mapped tokens (DeiT sub-models) both match a plain-ViT teacher's CLS token
+    two = fusion_loss(logits, mapped.repeat(1, 2, 1), y, t_logits, t_tok, 1.0, 0.0, 0.0)
+    assert two.item() == pytest.approx(2.5)
+
+
+def test_int8_reference_hand_computed():
+    x = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-2.54, 0.01, 1.27]])
+    q, scale = int8_quantize(x)
+    assert q.dtype == torch.int8 and scale.shape == (3, 1)
+    assert q[0].tolist() == [127, -64, 32]  # -63.5 rounds half to even -> -64; 31.75 -> 32
+    assert q[1].tolist() == [0, 0, 0] and scale[1].item() == 0.0
+    assert q[2].tolist() == [-127, 0, 64]   # 1.27 / 0.02 = 63.5 -> 64 (half to even)
+    back = int8_dequantize(q, scale)
+    assert torch.all((back - x).abs() <= scale / 2 + 1e-7)
+    assert torch.equal(simulate_codec(x, "int8"), back)
+
+
+def test_fp16_codec_and_unknown():
+    x = torch.tensor([1 / 3, 70000.0])
+    y = simulate_codec(x, "fp16")
+    assert y[0].item() == torch.tensor(1 / 3).half().item() and math.isinf(y[1].item())
+    assert simulate_codec(x, "fp32") is x
+    with pytest.raises(ValueError, match="codec"):
+        simulate_codec(x, "int4")
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_codec_ste_forward_is_decoded_and_gradient_is_identity(codec):
+    x = torch.randn(3, 1, 8, requires_grad=True)
+    y = codec_ste(x, codec)
+    torch.testing.assert_close(y.detach(), simulate_codec(x.detach(), codec))
+    (y * torch.arange(8.0)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.arange(8.0).expand(3, 1, 8))
+
+
+def test_feature_dropout_mask():
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(feature_dropout_mask(5, 3, 0.0, g), torch.ones(5, 3))
+    always = feature_dropout_mask(200, 3, 1.0, g)
+    assert torch.equal(always.sum(1), torch.full((200,), 2.0))  # exactly one part dropped, never all
+    assert set(always.argmin(1).tolist()) == {0, 1, 2}
+    assert torch.equal(feature_dropout_mask(4, 1, 1.0, g), torch.ones(4, 1))  # a single part is never dropped
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"teacher": {"trian": {}}}, r"teacher\.trian"),
+    ({"fusion": {"train": {"epochs": "ten"}}}, r"fusion\.train\.epochs: expected an integer"),
+    ({"students": {"models": {"embed_dim": 8}}}, r"students\.models: expected a list"),
+    ({"fusion": {"finetune": "partial"}}, "finetune"),
+    ({"seed": 1.5}, "seed: expected an integer"),
+    ({"ablation": {"enabled": "yes"}}, r"ablation\.enabled: expected true/false"),
+    ({"students": {"relation_weights": [1, 2]}}, "relation_weights"),
+    ([1, 2], "expected a mapping"),
+])
+def test_bad_config_errors_name_the_key(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(bad)
+
+
+def test_model_sections_are_checked_against_the_data():
+    cfg = config_from_dict({"teacher": {"model": {"patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+                            "students": {"models": [{"patch_size": 7, "embed_dim": 16, "depth": 1, "num_heads": 1}]}})
+    t = cfg.teacher_config((28, 28, 1), 10)
+    assert (t.img_size, t.in_chans, t.num_classes) == (28, 1, 10)
+    subs = cfg.student_configs((28, 28, 1), [[0, 1, 2], [3, 4]])
+    assert [s.num_classes for s in subs] == [3, 2]
+    with pytest.raises(ConfigError, match="2 models for 3 groups"):
+        config_from_dict({"students": {"models": [{}, {}]}}).student_configs((28, 28, 1), [[0], [1], [2]])
+    with pytest.raises(ConfigError, match="contradicts the data"):
+        config_from_dict({"teacher": {"model": {"img_size": 32}}}).teacher_config((28, 28, 1), 10)
+    with pytest.raises(ConfigError, match=r"teacher\.model.*unknown"):
+        config_from_dict({"teacher": {"model": {"width": 3}}}).teacher_config((28, 28, 1), 10)
