@@ -1,0 +1,271 @@
+"""``devit-mq node | launch | mpi | infer | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("devit_mq")
+
+DEFAULT_TOPOLOGY = "topologies/local-2edge.yaml"
+DEFAULT_MPI_TOPOLOGY = "topologies/mpi-2edge.yaml"
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _fail(message: str) -> int:
+    print(f"devit-mq: error: {message}", file=sys.stderr)
+    return 2
+
+
+# -- node ---------------------------------------------------------------------------------------------
+def main_node(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="devit-mq node", description="Run one node of a ZeroMQ topology.")
+    p.add_argument("topology")
+    p.add_argument("--name", required=True, help="the node's name in the topology")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    from devit_mq.topology import TopologyError, load_topology
+    from devit_mq.transport import open_transport
+
+    from .runtime import build_node, serve
+
+    try:
+        topology = load_topology(args.topology)
+        transport = open_transport(topology, args.name)
+    except (TopologyError, OSError) as exc:
+        return _fail(str(exc))
+    try:
+        node = build_node(topology, args.name, transport)
+    except BaseException:
+        transport.close()
+        raise
+    log.info("%s: serving (%s, pid %d)", args.name, node.role, os.getpid())
+    serve(node)
+    log.info("%s: stopped; metrics %s", args.name, json.dumps(node.metrics.snapshot()["counters"]))
+    return 0
+
+
+# -- launch -------------------------------------------------------------------------------------------
+def main_launch(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="devit-mq launch",
+                                description="Start and supervise every local node of a ZeroMQ topology.")
+    p.add_argument("topology")
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--ready-timeout", type=float, default=120.0)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    _logging(args.verbose)
+    from .launcher import LaunchError, Launcher
+
+    launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout)
+    try:
+        launcher.start()
+        print(f"all nodes ready (logs in {launcher.log_dir}); Ctrl-C stops them")
+        for row in launcher.describe():
+            print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+        sys.stdout.flush()
+        launcher.supervise()
+    except KeyboardInterrupt:
+        print("stopping nodes")
+    except LaunchError as exc:
+        return _fail(str(exc))
+    finally:
+        launcher.stop()
+    return 0
+
+
+# -- infer --------------------------------------------------------------------------------------------
+def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarray:
+    """Image files -> uint8 [B,H,W,C] at the bundle's size and channel count (Pillow)."""
+    from PIL import Image
+
+    h, w, c = image_shape
+    out = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+        out.append(arr.reshape(h, w, c))
+    return np.stack(out)
+
+
+def main_infer(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="devit-mq infer", description="Classify image files through a running topology.")
+    p.add_argument("topology")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    args = p.parse_args(argv)
+    from .client import ClientError
+    from .runtime import Client
+
+    try:
+        client = Client(args.topology, timeout_s=args.timeout, connect_timeout_s=args.timeout)
+    except ClientError as exc:
+        return _fail(str(exc))
+    with client:
+        try:
+            images = load_images(args.images, tuple(client.status["image_shape"]))
+        except OSError as exc:
+            return _fail(f"cannot read image: {exc}")
+        pred = client.predict(images)
+        classes = client.classes
+        for path, ans in zip(args.images, pred.answers):
+            row = {"image": path, "label": ans.label, "class": classes[ans.label] if ans.ok else None,
+                   "confidence": float(ans.probs.max()) if ans.ok else None, "degraded": ans.degraded,
+                   "error": ans.error, "latency_ms": round(ans.latency_s * 1e3, 2)}
+            print(json.dumps(row) if args.json else
+                  f"{path}: {row['class']} ({row['confidence']:.3f})" if ans.ok else f"{path}: ERROR {ans.error}")
+    return 0 if not pred.errors else 1
+
+
+# -- demo ---------------------------------------------------------------------------------------------
+def _demo_report(client_node, topology, limit: int | None, processes: list[dict]) -> str:
+    from devit_mq.model import load_manifest
+
+    from .demo import load_test_split, reference_probabilities, run_workload, summarize, wire_bytes_per_image
+
+    manifest = load_manifest(topology.bundle)
+    split = load_test_split(manifest, limit)
+    reference = reference_probabilities(topology, split.images)
+    result = run_workload(client_node, split)
+    return summarize(result, split, reference, wire_bytes_per_image(topology, manifest), processes, topology,
+                     trained=bool(manifest.metadata.get("trained", True)))
+
+
+def main_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="devit-mq demo", description=(
+        "Launch a local topology on the shipped default bundle, classify its test split through it and "
+        "compare with the in-process reference."))
+    p.add_argument("--topology", default=None, help=f"default: {DEFAULT_TOPOLOGY} ({DEFAULT_MPI_TOPOLOGY} for MPI)")
+    p.add_argument("--transport", choices=["zmq", "mpi"], default="zmq")
+    p.add_argument("--limit", type=int, default=None, help="classify only the first N test images")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    _logging(args.verbose)
+    if args.transport == "mpi":
+        return _demo_mpi(args)
+    from devit_mq.topology import TopologyError, load_topology
+
+    from .launcher import LaunchError, Launcher
+
+    path = args.topology or DEFAULT_TOPOLOGY
+    try:
+        topology = load_topology(path)
+    except TopologyError as exc:
+        return _fail(str(exc))
+    print(f"launching {path}: {1 + len(topology.edges)} node processes (ZeroMQ) ...", flush=True)
+    started = time.perf_counter()
+    try:
+        with Launcher(topology) as launcher:
+            print(f"all nodes ready after {time.perf_counter() - started:.1f}s (logs in {launcher.log_dir})",
+                  flush=True)
+            print(_demo_report(launcher.client, topology, args.limit, launcher.describe()))
+    except LaunchError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def mpirun_command(nprocs: int) -> list[str]:
+    """The mpirun of this environment (the mpich wheel puts one next to python), via the launch/ wrapper
+    when present (it adds Open MPI's root/oversubscribe flags)."""
+    wrapper = Path(__file__).resolve().parents[2] / "launch" / "mpirun.sh"
+    if wrapper.is_file():
+        return ["bash", str(wrapper), "-n", str(nprocs)]
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        raise FileNotFoundError("mpirun not found: install the 'mpich' wheel (pip install mpich)")
+    return [mpirun, "-n", str(nprocs)]
+
+
+def _demo_mpi(args) -> int:
+    from devit_mq.topology import TopologyError, load_topology
+
+    path = args.topology or DEFAULT_MPI_TOPOLOGY
+    try:
+        topology = load_topology(path)
+    except TopologyError as exc:
+        return _fail(str(exc))
+    cmd = mpirun_command(len(topology.nodes)) + [sys.executable, "-m", "devit_mq.cli", "mpi", path, "--run", "demo"]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    print("running: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _check_report(client_node, n: int, seed: int) -> str:
+    """Classify seeded random images: a smoke test that every node answers, whatever the weights."""
+    shape = tuple(client_node.status["image_shape"])
+    imgs = np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    pred = client_node.predict(imgs, batch_size=4, window=2)
+    lines = [f"answered {len(pred.answers)}/{n}, errors {len(pred.errors)}, degraded {pred.degraded}",
+             "labels: " + " ".join(str(x) for x in pred.labels)]
+    return "\n".join(lines)
+
+
+# -- mpi ----------------------------------------------------------------------------------------------
+def main_mpi(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="devit-mq mpi", description=(
+        "Run under mpirun: rank r becomes the topology's r-th node (client = rank 0)."))
+    p.add_argument("topology")
+    p.add_argument("--run", choices=["demo", "check"], default="demo",
+                   help="the workload the client rank runs before it stops every node: the demo, or "
+                        "'check': classify --images N seeded random images and print their labels")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    _logging(args.verbose)
+    from mpi4py import MPI
+
+    from devit_mq.topology import TopologyError, load_topology
+    from devit_mq.transport import open_transport
+
+    from .runtime import build_node, make_client, serve
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    try:
+        topology = load_topology(args.topology)
+        ranks = topology.mpi_ranks(comm.Get_size())
+    except TopologyError as exc:
+        if rank == 0:
+            _fail(str(exc))
+        return 2
+    name = {r: n for n, r in ranks.items()}[rank]
+    spec = topology.node(name)
+    transport = open_transport(topology, name, comm=comm)
+    if spec.role != "client":
+        serve(build_node(topology, name, transport))
+        return 0
+    from .base import configure_threads
+
+    configure_threads(spec.threads)
+    client = make_client(topology, transport, name)
+    try:
+        client.connect(120.0)
+        if args.run == "demo":
+            processes = [{"rank": r, "node": n, "role": topology.node(n).role,
+                          "submodel": topology.node(n).submodel, "threads": topology.node(n).threads}
+                         for n, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+            print(_demo_report(client, topology, args.limit, processes), flush=True)
+        else:
+            print(_check_report(client, args.images, args.seed), flush=True)
+    finally:
+        client.shutdown_nodes()
+        client.close()
+    return 0

@@ -1,0 +1,211 @@
+"""The client: send images to every edge, collect exactly one answer per request from the aggregator.
+
+Every request is answered: with a result (possibly flagged ``degraded``), with the error the system
+sent, or with a client-side ``timeout`` error if nothing came back in time. Nothing blocks forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from devit_mq.transport import Transport
+from devit_mq.wire import Kind, Limits, Message
+
+from .base import NodeBase
+
+log = logging.getLogger("devit_mq.nodes.client")
+
+
+class ClientError(RuntimeError):
+    """The topology is not reachable or not ready; the message says which node is missing."""
+
+
+@dataclass
+class Answer:
+    request_id: int
+    label: int = -1
+    probs: np.ndarray | None = None
+    degraded: bool = False
+    missing: list[int] = field(default_factory=list)
+    error: str | None = None
+    latency_s: float = float("nan")
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Prediction:
+    """Answers for a batch, in the order the images were given."""
+
+    answers: list[Answer]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([a.label for a in self.answers], dtype=np.int64)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        rows = [a.probs if a.probs is not None else np.full(0, np.nan) for a in self.answers]
+        width = max((len(r) for r in rows), default=0)
+        return np.stack([r if len(r) == width else np.full(width, np.nan) for r in rows]) if rows else np.empty((0, 0))
+
+    @property
+    def errors(self) -> list[Answer]:
+        return [a for a in self.answers if not a.ok]
+
+    @property
+    def degraded(self) -> int:
+        return sum(a.degraded for a in self.answers)
+
+
+def default_client_name() -> str:
+    return f"client-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ClientNode(NodeBase):
+    """Talks to the edges (images) and the aggregator (hello, results) through one transport."""
+
+    role = "client"
+
+    def __init__(
+        self,
+        name: str,
+        transport: Transport,
+        edges: Sequence[str],
+        aggregator: str,
+        image_codec: str = "raw",
+        timeout_s: float = 30.0,
+        limits: Limits | None = None,
+    ) -> None:
+        super().__init__(name, transport, limits)
+        self.edges = list(edges)
+        self.aggregator = aggregator
+        self.image_codec = image_codec
+        self.timeout_s = timeout_s
+        # ids are unique per client; a random base keeps restarts from colliding with late answers
+        self._ids = itertools.count(secrets.randbits(40) << 16)
+        self.outstanding: dict[int, float] = {}  # request id -> send time (perf_counter)
+        self.status: dict = {}
+
+    # -- readiness handshake ----------------------------------------------------------------------
+    def connect(self, timeout_s: float = 60.0, alive=None) -> dict:
+        """Say hello to the aggregator until it reports every edge ready. ``alive`` (optional) is a
+        callable the launcher passes to abort early when a node process died."""
+        deadline = time.monotonic() + timeout_s
+        last_hello = 0.0
+        while time.monotonic() < deadline:
+            if alive is not None:
+                alive()
+            if time.monotonic() - last_hello > 0.25:
+                self.control(self.aggregator, "hello")
+                last_hello = time.monotonic()
+            msg = self.receive(0.05)
+            if msg is not None and msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
+                self.status = dict(msg.meta)
+                if len(self.status.get("ready", [])) == self.status.get("parts", -1):
+                    return self.status
+        ready = self.status.get("ready")
+        if ready is None:
+            raise ClientError(f"no answer from aggregator {self.aggregator!r} within {timeout_s:.0f}s")
+        missing = [e for i, e in enumerate(self.edges) if i not in ready]
+        raise ClientError(f"edges not ready after {timeout_s:.0f}s: {missing} (ready parts: {ready})")
+
+    # -- requests ---------------------------------------------------------------------------------
+    def submit(self, images: np.ndarray) -> list[int]:
+        """Send one batch (uint8 ``[B,H,W,C]``) to every edge; returns the request ids."""
+        images = np.ascontiguousarray(images)
+        ids = [next(self._ids) for _ in range(len(images))]
+        msg = Message(Kind.IMAGE, self.name, request_ids=tuple(ids), array=images, codec=self.image_codec,
+                      reply_to=self.name, timestamps={"client_sent": time.time()})
+        now = time.perf_counter()
+        for rid in ids:
+            self.outstanding[rid] = now
+        for edge in self.edges:
+            self.send(edge, msg)
+        return ids
+
+    def collect(self, timeout_s: float) -> list[Answer]:
+        """Answers that arrive within ``timeout_s`` (returns early once something arrived), plus
+        timeout errors for requests older than the client's ``timeout_s``."""
+        answers: list[Answer] = []
+        msg = self.receive(timeout_s)
+        while msg is not None:
+            answers.extend(self._answers(msg))
+            msg = self.receive(0)
+        answers.extend(self._expire())
+        return answers
+
+    def _answers(self, msg: Message) -> list[Answer]:
+        now = time.perf_counter()
+        out = []
+        if msg.kind == Kind.RESULT:
+            meta = msg.meta
+            for row, rid in enumerate(msg.request_ids):
+                sent = self.outstanding.pop(rid, None)
+                if sent is None:
+                    self.metrics.count("unexpected_answers")
+                    continue
+                out.append(Answer(
+                    rid, label=int(meta["labels"][row]), probs=np.array(msg.array[row]),
+                    degraded=bool(meta["degraded"][row]), missing=list(meta["missing"][row]),
+                    latency_s=now - sent, stages=dict(meta.get("stages", [{}] * len(msg.request_ids))[row])))
+        elif msg.kind == Kind.ERROR:
+            text = f"{msg.meta.get('code', 'error')}: {msg.meta.get('message', '')}"
+            for rid in msg.request_ids:
+                sent = self.outstanding.pop(rid, None)
+                if sent is not None:
+                    out.append(Answer(rid, error=text, latency_s=now - sent))
+        elif msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
+            self.status = dict(msg.meta)
+        else:
+            self.metrics.count("ignored_messages")
+        return out
+
+    def _expire(self) -> list[Answer]:
+        now = time.perf_counter()
+        late = [rid for rid, sent in self.outstanding.items() if now - sent > self.timeout_s]
+        for rid in late:
+            del self.outstanding[rid]
+        return [Answer(rid, error=f"timeout: no answer within {self.timeout_s:g}s", latency_s=self.timeout_s)
+                for rid in late]
+
+    def stream(self, images: np.ndarray, batch_size: int = 1, window: int = 4) -> Iterator[tuple[int, Answer]]:
+        """Pipelined requests: keep at most ``window`` batches in flight; yields ``(index, answer)`` as
+        answers arrive (not in order)."""
+        index_of: dict[int, int] = {}
+        next_lo = 0
+        total = len(images)
+        done = 0
+        while done < total:
+            while next_lo < total and len(self.outstanding) < window * batch_size:
+                ids = self.submit(images[next_lo: next_lo + batch_size])
+                index_of.update({rid: next_lo + k for k, rid in enumerate(ids)})
+                next_lo += len(ids)
+            for answer in self.collect(min(self.timeout_s, 0.5)):
+                if answer.request_id in index_of:
+                    done += 1
+                    yield index_of.pop(answer.request_id), answer
+
+    def predict(self, images: np.ndarray, batch_size: int = 1, window: int = 4) -> Prediction:
+        images = np.asarray(images)
+        answers: list[Answer | None] = [None] * len(images)
+        for i, answer in self.stream(images, batch_size, window):
+            answers[i] = answer
+        return Prediction([a for a in answers if a is not None])
+
+    def shutdown_nodes(self) -> None:
+        """Ask every node to stop (edges first, so the aggregator can still answer what is open)."""
+        for edge in self.edges:
+            self.control(edge, "shutdown")
+        self.control(self.aggregator, "shutdown")

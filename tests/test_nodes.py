@@ -1,0 +1,196 @@
+"""Node loops over the in-process transport: routing, batching, deadlines, policies, bad input."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from devit_mq.model import load_ensemble, load_fusion, load_manifest, load_submodel
+from devit_mq.nodes import AggregatorNode, ClientNode, EdgeNode
+from devit_mq.nodes.demo import wire_roundtrip
+from devit_mq.transport import InprocHub, InprocTransport
+from devit_mq.wire import Kind, Message, encode
+
+from .runtime_helpers import images, make_bundle
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Cluster:
+    """Aggregator + edges as threads on one in-process hub."""
+
+    def __init__(self, bundle, codec="fp32", start_edges=None, **agg_kwargs):
+        self.hub = InprocHub()
+        manifest = load_manifest(bundle)
+        n = manifest.num_parts
+        self.edge_names = [f"edge{i}" for i in range(n)]
+        agg_kwargs.setdefault("deadline_ms", 500)
+        self.aggregator = AggregatorNode("aggregator", InprocTransport(self.hub, "aggregator"),
+                                         load_fusion(bundle), dict(enumerate(self.edge_names)), **agg_kwargs)
+        self.edges = [EdgeNode(name, InprocTransport(self.hub, name), load_submodel(bundle, i), manifest.input,
+                               i, "aggregator", codec=codec, max_batch=4, max_wait_ms=2)
+                      for i, name in enumerate(self.edge_names)]
+        started = range(n) if start_edges is None else start_edges
+        self.threads = [threading.Thread(target=self.aggregator.run, daemon=True)]
+        self.threads += [threading.Thread(target=self.edges[i].run, daemon=True) for i in started]
+        for t in self.threads:
+            t.start()
+
+    def client(self, timeout_s=10.0, name="client-1"):
+        return ClientNode(name, InprocTransport(self.hub, name), self.edge_names, "aggregator", timeout_s=timeout_s)
+
+    def stop(self):
+        for node in [*self.edges, self.aggregator]:
+            node.stop()
+        for t in self.threads:
+            t.join(5)
+            assert not t.is_alive(), "a node loop did not stop"
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return make_bundle(tmp_path / "bundle")
+
+
+def reference(bundle, imgs, codec):
+    ens, manifest = load_ensemble(bundle)
+    with torch.inference_mode():
+        parts = ens.features(manifest.input.to_tensor(imgs))
+        return ens.fuse([wire_roundtrip(p, codec) for p in parts]).softmax(-1).numpy()
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_distributed_matches_in_process_reference(bundle, codec):
+    cluster = Cluster(bundle, codec=codec)
+    try:
+        client = cluster.client()
+        status = client.connect(20)
+        assert status["ready"] == [0, 1]
+        imgs = images(23)
+        pred = client.predict(imgs, batch_size=3, window=3)
+        assert not pred.errors and pred.degraded == 0
+        ref = reference(bundle, imgs, codec)
+        np.testing.assert_array_equal(pred.labels, ref.argmax(1))
+        np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5)
+        assert all(a.stages["edge_compute_ms"] > 0 for a in pred.answers)
+    finally:
+        cluster.stop()
+
+
+def test_missing_edge_degrades_after_deadline(bundle):
+    cluster = Cluster(bundle, start_edges=[0], deadline_ms=200)
+    try:
+        client = cluster.client()
+        client.status = {}
+        imgs = images(3)
+        pred = client.predict(imgs, batch_size=3)
+        assert not pred.errors
+        assert pred.degraded == 3 and all(a.missing == [1] for a in pred.answers)
+        ens, manifest = load_ensemble(bundle)
+        with torch.inference_mode():
+            ref = ens(manifest.input.to_tensor(imgs), missing=[1]).softmax(-1).numpy()
+        np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5)
+        assert all(a.latency_s >= 0.15 for a in pred.answers)  # answered at the deadline, not before
+    finally:
+        cluster.stop()
+
+
+def test_missing_edge_error_policy(bundle):
+    cluster = Cluster(bundle, start_edges=[0], deadline_ms=100, missing_policy="error")
+    try:
+        pred = cluster.client().predict(images(2), batch_size=2)
+        assert len(pred.errors) == 2
+        assert all("missing_features" in a.error and "[1]" in a.error for a in pred.errors)
+    finally:
+        cluster.stop()
+
+
+def test_bad_image_shape_is_answered_with_an_error(bundle):
+    cluster = Cluster(bundle)
+    try:
+        client = cluster.client()
+        client.connect(20)
+        bad = np.zeros((2, 8, 8, 1), np.uint8)
+        pred = client.predict(bad, batch_size=2)
+        assert len(pred.errors) == 2 and "bad_input" in pred.errors[0].error
+        assert "expected [B, (16, 16, 1)]" in pred.errors[0].error
+        # the nodes keep serving
+        assert not client.predict(images(2)).errors
+    finally:
+        cluster.stop()
+
+
+def test_malformed_and_stray_messages_do_not_stop_nodes(bundle):
+    cluster = Cluster(bundle)
+    try:
+        client = cluster.client()
+        client.connect(20)
+        junk = InprocTransport(cluster.hub, "junk")
+        for peer in ["aggregator", "edge0", "edge1"]:
+            junk.send(peer, [b"\x00garbage", b"x"])
+            junk.send(peer, [b"only-one-frame"])
+        # features with a wrong width and an unknown part
+        junk.send("aggregator", encode(Message(Kind.FEATURES, "junk", request_ids=(1,), reply_to="client-1",
+                                               array=np.zeros((1, 1, 7), np.float32), meta={"part": 0})))
+        junk.send("aggregator", encode(Message(Kind.FEATURES, "junk", request_ids=(1,), reply_to="client-1",
+                                               array=np.zeros((1, 1, 32), np.float32), meta={"part": 9})))
+        assert not client.predict(images(4), batch_size=2).errors
+        deadline = time.time() + 5
+        while cluster.aggregator.metrics.counters["wire_errors"] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert cluster.aggregator.metrics.counters["wire_errors"] >= 2
+        assert cluster.aggregator.metrics.counters["bad_features"] == 2
+        assert cluster.edges[0].metrics.counters["wire_errors"] >= 2
+    finally:
+        cluster.stop()
+
+
+def test_duplicate_and_late_features_are_dropped(bundle):
+    cluster = Cluster(bundle, deadline_ms=100)
+    try:
+        client = cluster.client()
+        client.connect(20)
+        pred = client.predict(images(1))
+        rid = pred.answers[0].request_id
+        late = InprocTransport(cluster.hub, "edge-replay")
+        late.send("aggregator", encode(Message(Kind.FEATURES, "edge0", request_ids=(rid,), reply_to="client-1",
+                                               array=np.zeros((1, 1, 32), np.float32), meta={"part": 0})))
+        deadline = time.time() + 5
+        while cluster.aggregator.metrics.counters["late_features"] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        assert cluster.aggregator.metrics.counters["late_features"] == 1
+        assert not cluster.aggregator.pending
+        assert client.collect(0.3) == []  # no second answer
+    finally:
+        cluster.stop()
+
+
+def test_pending_state_is_bounded(bundle):
+    cluster = Cluster(bundle, start_edges=[0], deadline_ms=5000, max_pending=3)
+    try:
+        client = cluster.client()
+        client.submit(images(5))
+        answers = []
+        deadline = time.time() + 10
+        while len(answers) < 2 and time.time() < deadline:
+            answers += client.collect(0.1)
+        assert sorted(a.error.split(":")[0] for a in answers) == ["overloaded", "overloaded"]
+        assert len(cluster.aggregator.pending) == 3
+    finally:
+        cluster.stop()
+    # shutdown answers whatever is still open: every request gets exactly one answer
+    rest = client.collect(1.0)
+    assert len(rest) == 3 and all(a.error.startswith("shutdown") for a in rest)
+
+
+def test_client_times_out_instead_of_hanging(bundle):
+    hub = InprocHub()
+    client = ClientNode("c", InprocTransport(hub, "c"), ["edge0", "edge1"], "aggregator", timeout_s=0.3)
+    for name in ["edge0", "edge1", "aggregator"]:
+        InprocTransport(hub, name)  # peers exist but nobody serves
+    start = time.monotonic()
+    pred = client.predict(images(2), batch_size=2)
+    assert time.monotonic() - start < 5
+    assert [a.error.split(":")[0] for a in pred.answers] == ["timeout", "timeout"]
