@@ -1,0 +1,77 @@
+"""Stage functions on random tiny models: frozen fusion, per-group teacher fine-tuning, group data."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from devit_mq.data import AugmentConfig
+from devit_mq.dekd.batches import Batches
+from devit_mq.dekd.config import FusionSection, StudentsSection, TrainSection
+from devit_mq.dekd.stages import distill_student, group_data, train_fusion
+from devit_mq.model import InputSpec, VisionTransformer, ViTConfig
+
+TRAIN = TrainSection(epochs=1, batch_size=8, warmup_epochs=0.0, augment=AugmentConfig(enabled=False))
+T_CFG = ViTConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny ops: a second thread only adds synchronisation (and contention on a shared machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(16, dtype=np.int64) % 4
+    return Batches(images, labels, InputSpec(8, 1, (0.5,), (0.25,)), seed=0)
+
+
+def test_group_data_reindexes_labels(data):
+    sub = group_data(data, [1, 3])
+    assert len(sub) == 8 and sub.labels.tolist() == [0, 1] * 4
+
+
+@pytest.mark.timeout(60)
+def test_frozen_fusion_leaves_the_students_unchanged(data):
+    torch.manual_seed(0)
+    teacher = VisionTransformer(T_CFG).eval()
+    students = [VisionTransformer(T_CFG.replace(embed_dim=8, num_classes=2)) for _ in range(2)]
+    before = [{k: v.clone() for k, v in s.state_dict().items()} for s in students]
+    section = FusionSection(finetune="frozen", train=TRAIN)
+    ensemble, stats = train_fusion(teacher, students, section, data, num_classes=4, seed=0)
+    assert stats["steps"] == 2
+    for sub, ref in zip(ensemble.submodels, before, strict=True):
+        for k, v in sub.state_dict().items():
+            assert torch.equal(v, ref[k]), k
+    joint, _ = train_fusion(teacher, students, dataclasses.replace(section, finetune="joint"), data, 4, seed=0)
+    changed = [not torch.equal(v, before[0][k]) for k, v in joint.submodels[0].state_dict().items()
+               if v.is_floating_point() and k != "pos_embed"]
+    assert any(changed)
+
+
+@pytest.mark.timeout(60)
+def test_group_teacher_finetune_copies_the_teacher(data):
+    torch.manual_seed(0)
+    teacher = VisionTransformer(T_CFG).eval()
+    ref = {k: v.clone() for k, v in teacher.state_dict().items()}
+    section = StudentsSection(group_teacher_epochs=1, train=TRAIN)
+    student, stats = distill_student(teacher, T_CFG.replace(embed_dim=8, num_classes=2), [0, 2], section, data,
+                                     seed=0, desc="s", relation_weight=1.0)
+    assert stats["group_teacher"]["steps"] == 1 and stats["steps"] == 1
+    assert all(torch.equal(v, ref[k]) for k, v in teacher.state_dict().items())
+    assert student(torch.zeros(1, 1, 8, 8)).shape == (1, 2)
+
+
+@pytest.mark.timeout(60)
+def test_deit_student_distills(data):
+    teacher = VisionTransformer(T_CFG).eval()
+    cfg = T_CFG.replace(embed_dim=8, num_classes=2, distilled=True)
+    student, _ = distill_student(teacher, cfg, [1, 3], StudentsSection(train=TRAIN), data, 0, "s", 1.0)
+    assert student.distilled_training is False and student(torch.zeros(2, 1, 8, 8)).shape == (2, 2)
