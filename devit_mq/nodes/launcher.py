@@ -77,8 +77,8 @@ class Launcher:
             if is_local(spec):
                 self.processes.append(self._spawn(spec))
         try:
-            self.client = make_client(self.topology, open_transport(self.topology, default_client_name()),
-                                      default_client_name())
+            name = default_client_name()
+            self.client = make_client(self.topology, open_transport(self.topology, name), name)
             self.status = self.client.connect(self.ready_timeout_s, alive=self.check_alive)
         except BaseException:
             self.stop()
