@@ -194,3 +194,20 @@ def test_client_times_out_instead_of_hanging(bundle):
     pred = client.predict(images(2), batch_size=2)
     assert time.monotonic() - start < 5
     assert [a.error.split(":")[0] for a in pred.answers] == ["timeout", "timeout"]
+
+
+def test_status_reports_every_nodes_metrics(bundle):
+    cluster = Cluster(bundle)
+    try:
+        client = cluster.client()
+        client.connect(20)
+        client.submit(images(3))
+        time.sleep(1.2)  # at least one heartbeat after the work
+        status = client.query_status(5)
+        assert set(status["nodes"]) == {"aggregator", "edge0", "edge1"}
+        assert status["nodes"]["edge0"]["stages_ms"]["compute"]["n"] >= 1
+        assert status["nodes"]["edge1"]["rss_mb"] > 0
+        # the answers that arrived while waiting for the status are not lost
+        assert len(client.collect(2.0)) == 3
+    finally:
+        cluster.stop()

@@ -73,6 +73,7 @@ class AggregatorNode(NodeBase):
         self.answered: OrderedDict[Key, None] = OrderedDict()
         self.ready_parts: set[int] = set()
         self.last_seen: dict[int, float] = {}
+        self.node_metrics: dict[str, dict] = {}  # latest telemetry from each edge's heartbeat
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -109,6 +110,8 @@ class AggregatorNode(NodeBase):
         elif msg.kind == Kind.HEARTBEAT:
             if isinstance(part, int) and part in self.edges:
                 self.ready_parts.add(part)
+                if isinstance(msg.meta.get("metrics"), dict):
+                    self.node_metrics[msg.source] = msg.meta["metrics"]
         elif msg.kind == Kind.CONTROL:
             self._on_control(msg)
         else:
@@ -123,8 +126,9 @@ class AggregatorNode(NodeBase):
                 self.ready_parts.add(part)
                 log.info("%s: edge %s (part %s) is ready", self.name, msg.source, part)
         elif op in ("hello", "status"):
+            nodes = {**self.node_metrics, self.name: self.metrics.snapshot()}
             self.control(msg.source, "status", ready=sorted(self.ready_parts), parts=len(self.edges),
-                         pending=len(self.pending), metrics=self.metrics.snapshot(), **self.info)
+                         pending=len(self.pending), nodes=nodes, **self.info)
         elif op == "shutdown":
             log.info("%s: shutdown requested by %s", self.name, msg.source)
             self.running = False

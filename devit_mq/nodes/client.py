@@ -97,6 +97,7 @@ class ClientNode(NodeBase):
         self._ids = itertools.count(secrets.randbits(40) << 16)
         self.outstanding: dict[int, float] = {}  # request id -> send time (perf_counter)
         self.status: dict = {}
+        self._held: list[Answer] = []  # answers received while waiting for something else
 
     # -- readiness handshake ----------------------------------------------------------------------
     def connect(self, timeout_s: float = 60.0, alive=None) -> dict:
@@ -138,8 +139,8 @@ class ClientNode(NodeBase):
     def collect(self, timeout_s: float) -> list[Answer]:
         """Answers that arrive within ``timeout_s`` (returns early once something arrived), plus
         timeout errors for requests older than the client's ``timeout_s``."""
-        answers: list[Answer] = []
-        msg = self.receive(timeout_s)
+        answers, self._held = self._held, []
+        msg = self.receive(0 if answers else timeout_s)
         while msg is not None:
             answers.extend(self._answers(msg))
             msg = self.receive(0)
@@ -203,6 +204,22 @@ class ClientNode(NodeBase):
         for i, answer in self.stream(images, batch_size, window):
             answers[i] = answer
         return Prediction([a for a in answers if a is not None])
+
+    def query_status(self, timeout_s: float = 5.0) -> dict:
+        """Ask the aggregator for its status: ready edges, pending requests and every node's metrics
+        (``status["nodes"][name]``: counters, stage percentiles, cpu_s, rss_mb). Answers that arrive
+        meanwhile are kept for ``collect``."""
+        self.control(self.aggregator, "status")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.receive(0.05)
+            if msg is None:
+                continue
+            if msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
+                self.status = dict(msg.meta)
+                return self.status
+            self._held.extend(self._answers(msg))
+        raise ClientError(f"no status from aggregator {self.aggregator!r} within {timeout_s:g}s")
 
     def shutdown_nodes(self) -> None:
         """Ask every node to stop (edges first, so the aggregator can still answer what is open)."""

@@ -159,7 +159,9 @@ class EdgeNode(NodeBase):
         now = time.time()
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self._last_heartbeat = now
-            self.send(self.aggregator, Message(Kind.HEARTBEAT, self.name, meta={"part": self.part},
+            # telemetry rides on the heartbeat, so the aggregator can report every node's figures
+            self.send(self.aggregator, Message(Kind.HEARTBEAT, self.name,
+                                               meta={"part": self.part, "metrics": self.metrics.snapshot()},
                                                timestamps={"sent": now}))
 
 
