@@ -41,6 +41,12 @@ class Cluster:
     def client(self, timeout_s=10.0, name="client-1"):
         return ClientNode(name, InprocTransport(self.hub, name), self.edge_names, "aggregator", timeout_s=timeout_s)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
     def stop(self):
         for node in [*self.edges, self.aggregator]:
             node.stop()
@@ -63,8 +69,7 @@ def reference(bundle, imgs, codec):
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
 def test_distributed_matches_in_process_reference(bundle, codec):
-    cluster = Cluster(bundle, codec=codec)
-    try:
+    with Cluster(bundle, codec=codec) as cluster:
         client = cluster.client()
         status = client.connect(20)
         assert status["ready"] == [0, 1]
@@ -75,13 +80,10 @@ def test_distributed_matches_in_process_reference(bundle, codec):
         np.testing.assert_array_equal(pred.labels, ref.argmax(1))
         np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5)
         assert all(a.stages["edge_compute_ms"] > 0 for a in pred.answers)
-    finally:
-        cluster.stop()
 
 
 def test_missing_edge_degrades_after_deadline(bundle):
-    cluster = Cluster(bundle, start_edges=[0], deadline_ms=200)
-    try:
+    with Cluster(bundle, start_edges=[0], deadline_ms=200) as cluster:
         client = cluster.client()
         client.status = {}
         imgs = images(3)
@@ -93,23 +95,17 @@ def test_missing_edge_degrades_after_deadline(bundle):
             ref = ens(manifest.input.to_tensor(imgs), missing=[1]).softmax(-1).numpy()
         np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5)
         assert all(a.latency_s >= 0.15 for a in pred.answers)  # answered at the deadline, not before
-    finally:
-        cluster.stop()
 
 
 def test_missing_edge_error_policy(bundle):
-    cluster = Cluster(bundle, start_edges=[0], deadline_ms=100, missing_policy="error")
-    try:
+    with Cluster(bundle, start_edges=[0], deadline_ms=100, missing_policy="error") as cluster:
         pred = cluster.client().predict(images(2), batch_size=2)
         assert len(pred.errors) == 2
         assert all("missing_features" in a.error and "[1]" in a.error for a in pred.errors)
-    finally:
-        cluster.stop()
 
 
 def test_bad_image_shape_is_answered_with_an_error(bundle):
-    cluster = Cluster(bundle)
-    try:
+    with Cluster(bundle) as cluster:
         client = cluster.client()
         client.connect(20)
         bad = np.zeros((2, 8, 8, 1), np.uint8)
@@ -118,13 +114,10 @@ def test_bad_image_shape_is_answered_with_an_error(bundle):
         assert "expected [B, (16, 16, 1)]" in pred.errors[0].error
         # the nodes keep serving
         assert not client.predict(images(2)).errors
-    finally:
-        cluster.stop()
 
 
 def test_malformed_and_stray_messages_do_not_stop_nodes(bundle):
-    cluster = Cluster(bundle)
-    try:
+    with Cluster(bundle) as cluster:
         client = cluster.client()
         client.connect(20)
         junk = InprocTransport(cluster.hub, "junk")
@@ -143,13 +136,10 @@ def test_malformed_and_stray_messages_do_not_stop_nodes(bundle):
         assert cluster.aggregator.metrics.counters["wire_errors"] >= 2
         assert cluster.aggregator.metrics.counters["bad_features"] == 2
         assert cluster.edges[0].metrics.counters["wire_errors"] >= 2
-    finally:
-        cluster.stop()
 
 
 def test_duplicate_and_late_features_are_dropped(bundle):
-    cluster = Cluster(bundle, deadline_ms=100)
-    try:
+    with Cluster(bundle, deadline_ms=100) as cluster:
         client = cluster.client()
         client.connect(20)
         pred = client.predict(images(1))
@@ -163,13 +153,10 @@ def test_duplicate_and_late_features_are_dropped(bundle):
         assert cluster.aggregator.metrics.counters["late_features"] == 1
         assert not cluster.aggregator.pending
         assert client.collect(0.3) == []  # no second answer
-    finally:
-        cluster.stop()
 
 
 def test_pending_state_is_bounded(bundle):
-    cluster = Cluster(bundle, start_edges=[0], deadline_ms=5000, max_pending=3)
-    try:
+    with Cluster(bundle, start_edges=[0], deadline_ms=5000, max_pending=3) as cluster:
         client = cluster.client()
         client.submit(images(5))
         answers = []
@@ -178,8 +165,6 @@ def test_pending_state_is_bounded(bundle):
             answers += client.collect(0.1)
         assert sorted(a.error.split(":")[0] for a in answers) == ["overloaded", "overloaded"]
         assert len(cluster.aggregator.pending) == 3
-    finally:
-        cluster.stop()
     # shutdown answers whatever is still open: every request gets exactly one answer
     rest = client.collect(1.0)
     assert len(rest) == 3 and all(a.error.startswith("shutdown") for a in rest)
@@ -197,8 +182,7 @@ def test_client_times_out_instead_of_hanging(bundle):
 
 
 def test_status_reports_every_nodes_metrics(bundle):
-    cluster = Cluster(bundle)
-    try:
+    with Cluster(bundle) as cluster:
         client = cluster.client()
         client.connect(20)
         client.submit(images(3))
@@ -209,5 +193,3 @@ def test_status_reports_every_nodes_metrics(bundle):
         assert status["nodes"]["edge1"]["rss_mb"] > 0
         # the answers that arrived while waiting for the status are not lost
         assert len(client.collect(2.0)) == 3
-    finally:
-        cluster.stop()
