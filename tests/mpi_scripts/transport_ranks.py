@@ -1,0 +1,122 @@
+"""Run under mpirun by tests/test_transport_mpi.py: ranks exchange frames through the MPI transport.
+
+    mpirun -n 3 python tests/mpi_scripts/transport_ranks.py MODE TOPOLOGY.yaml
+
+Modes:
+  exchange  client -> edge0 -> aggregator -> client with frames of many sizes; a malformed message is
+            dropped; the aggregator then idles in recv and prints its CPU use ("IDLE_CPU ...").
+  timeout   a send to a rank that does not receive fails with TransportError after send_timeout.
+  mismatch  the topology has another number of nodes than the world: TransportError naming both.
+Each rank prints "OK <name>" when all its checks passed; any failure exits non-zero.
+"""
+
+import hashlib
+import os
+import sys
+import time
+
+from mpi4py import MPI
+
+from devit_mq.topology import load_topology
+from devit_mq.transport import TransportError, open_transport
+from devit_mq.transport.mpi import TAG
+
+COMM = MPI.COMM_WORLD
+MESSAGES = [[b"x"], [b"", b"empty first"], [b"header", bytes(range(256)) * 4096], [b"a", b"b", b"c", b"d"],
+            [bytes(3 * 1024 * 1024)]]
+
+
+def say(line):
+    """One write per line: mpirun merges the ranks' output and must not split a line."""
+    os.write(1, (line + "\n").encode())
+
+
+def digest(frames):
+    return hashlib.sha256(b"".join(len(f).to_bytes(8, "little") + f for f in frames)).digest()
+
+
+def expect(cond, what):
+    if not cond:
+        say(f"FAIL rank {COMM.Get_rank()}: {what}")
+        COMM.Abort(1)
+
+
+def exchange(topology):
+    name = {r: n for n, r in topology.mpi_ranks().items()}[COMM.Get_rank()]
+    t = open_transport(topology, name, send_timeout=10)
+    if name == "client":
+        try:
+            t.send("nobody", [b"x"])
+            expect(False, "send to an unknown peer did not raise")
+        except TransportError as exc:
+            expect("not a node of topology" in str(exc), str(exc))
+        for frames in MESSAGES:
+            t.send("edge0", frames)
+        for frames in MESSAGES:
+            answer = t.recv(timeout=30)
+            expect(answer == [b"digest", digest(frames)], f"answer {answer!r:.80}")
+    elif name == "edge0":
+        COMM.Send([b"garbage that is not framed", MPI.BYTE], dest=COMM.Get_rank(), tag=TAG)  # to itself
+        for frames in MESSAGES:
+            got = t.recv(timeout=30)
+            expect(got == frames, f"edge got {got!r:.80}")
+            t.send("aggregator", got)
+        expect(t.dropped == 1, f"dropped {t.dropped}")
+    else:
+        for _ in MESSAGES:
+            got = t.recv(timeout=30)
+            expect(got is not None, "aggregator timed out")
+            t.send("client", [b"digest", digest(got)])
+        expect(t.flush(timeout=30), "aggregator could not flush")
+        for label, idle_after in (("default", t.idle_after), ("fixed-200us", float("inf"))):
+            t.idle_after = idle_after  # "fixed-200us": never back off to the idle interval
+            wall0, cpu0 = time.monotonic(), time.process_time()
+            nothing = t.recv(timeout=1.5)
+            wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+            expect(nothing is None, "idle recv got a message")
+            say(f"IDLE_CPU {label} {name} {cpu:.3f} s over {wall:.2f} s")
+    expect(t.flush(timeout=30), f"{name} could not flush")
+    COMM.Barrier()
+    t.close()
+    say(f"OK {name}")
+
+
+def timeout(topology):
+    name = {r: n for n, r in topology.mpi_ranks().items()}[COMM.Get_rank()]
+    t = open_transport(topology, name, send_timeout=0.3)
+    big = [bytes(4 * 1024 * 1024)]  # above the eager limit: completes only when received
+    if name == "client":
+        t.send("edge0", big)  # accepted: pending
+        t0 = time.monotonic()
+        try:
+            for _ in range(100):
+                t.send("edge0", big)
+            expect(False, "send never timed out")
+        except TransportError as exc:
+            expect("edge0" in str(exc), str(exc))
+            say(f"TIMEOUT after {time.monotonic() - t0:.2f} s: {exc}")
+        COMM.Barrier()  # now edge0 drains, so MPI can finish cleanly
+        expect(t.flush(timeout=30), "client could not flush")
+    else:
+        COMM.Barrier()
+        if name == "edge0":
+            while t.recv(timeout=1.0) is not None:
+                pass
+    COMM.Barrier()
+    t.close()
+    say(f"OK {name}")
+
+
+def mismatch(topology):
+    try:
+        open_transport(topology, "client")
+    except TransportError as exc:
+        say(f"MISMATCH {exc}")
+        say(f"OK rank {COMM.Get_rank()}")
+        return
+    expect(False, "opened a transport with the wrong world size")
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1], sys.argv[2]
+    {"exchange": exchange, "timeout": timeout, "mismatch": mismatch}[mode](load_topology(path, check_bundle=False))

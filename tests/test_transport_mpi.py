@@ -1,0 +1,63 @@
+"""MPI transport under a real `mpirun` (the venv's, from the mpich wheel), each run bounded by a timeout."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCRIPT = Path(__file__).resolve().parent / "mpi_scripts" / "transport_ranks.py"
+MPIRUN = Path(sys.executable).parent / "mpirun"
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not MPIRUN.exists() and shutil.which("mpirun") is None,
+                                reason="no mpirun (install the mpich wheel)")
+
+
+def mpirun(n, mode, topology, timeout=90):
+    launcher = REPO / "launch" / "mpirun.sh"  # adds Open MPI's root/oversubscribe flags when needed
+    cmd = ["bash", str(launcher), "-n", str(n), sys.executable, str(SCRIPT), mode, str(topology)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MPIRUN": str(MPIRUN) if MPIRUN.exists() else shutil.which("mpirun"),
+                               "PYTHONPATH": str(REPO)})
+
+
+def write_topology(path, n_edges=1, **extra):
+    data = {"name": "mpi-t", "bundle": "none", "transport": "mpi", "client": {"name": "client"},
+            "aggregator": {"name": "aggregator"},
+            "edges": [{"name": f"edge{i}", "submodel": i} for i in range(n_edges)], **extra}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_frames_cross_ranks_and_an_idle_rank_does_not_spin(tmp_path):
+    out = mpirun(3, "exchange", write_topology(tmp_path / "t.yaml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(re.findall(r"OK (aggregator|client|edge0)", out.stdout)) == ["aggregator", "client", "edge0"]
+    for label, cpu, wall in re.findall(r"IDLE_CPU (\S+) aggregator ([\d.]+) s over ([\d.]+) s", out.stdout):
+        cpu, wall = float(cpu), float(wall)
+        print(f"aggregator idle in recv ({label} polling): {cpu:.3f} s CPU over {wall:.2f} s "
+              f"({100 * cpu / wall:.1f}% of a core)")
+        assert cpu < 0.5 * wall  # a blocking MPI receive would burn ~100%
+
+
+@pytest.mark.timeout(120)
+def test_send_to_a_rank_that_does_not_receive_times_out(tmp_path):
+    out = mpirun(3, "timeout", write_topology(tmp_path / "t.yaml", limits={"hwm": 1}))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TIMEOUT after" in out.stdout and "client -> edge0 (rank 2)" in out.stdout
+    assert len(re.findall(r"OK (aggregator|client|edge0)", out.stdout)) == 3
+    print(re.search(r"TIMEOUT.*", out.stdout).group(0))
+
+
+@pytest.mark.timeout(60)
+def test_world_size_must_match_the_topology(tmp_path):
+    out = mpirun(2, "mismatch", write_topology(tmp_path / "t.yaml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "MISMATCH" in out.stdout and "MPI started 2 rank(s) but topology 'mpi-t' has 3 nodes" in out.stdout
+    assert "mpirun -n 3" in out.stdout
