@@ -29,6 +29,10 @@ _LAZY: dict[str, str] = {
 }
 
 
+# name -> why the module that provides it could not register it here (e.g. "no CUDA device")
+_UNAVAILABLE: dict[str, str] = {}
+
+
 class BackendUnavailable(RuntimeError):
     """The requested attention backend cannot run here (e.g. no CUDA device)."""
 
@@ -62,6 +66,12 @@ def naive_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def register_backend(name: str, fn: AttentionFn) -> None:
     _BACKENDS[name] = fn
+    _UNAVAILABLE.pop(name, None)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why a lazily provided backend cannot run here, for ``get_backend``'s error."""
+    _UNAVAILABLE[name] = reason
 
 
 def get_backend(name: str) -> AttentionFn:
@@ -72,6 +82,10 @@ def get_backend(name: str) -> AttentionFn:
     try:
         return _BACKENDS[name]
     except KeyError:
+        if name in _UNAVAILABLE:
+            raise BackendUnavailable(
+                f"attention backend {name!r} cannot run here: {_UNAVAILABLE[name]}"
+            ) from None
         raise BackendUnavailable(
             f"attention backend {name!r} is not available; registered: {sorted(_BACKENDS)}"
         ) from None
