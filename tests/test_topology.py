@@ -415,3 +415,19 @@ def test_check_command_wants_curve_keys(tmp_path, capsys):
     assert check_main([str(path), "--no-bundle"]) == 0
     secret = tmp_path / "keys" / "edge1.key_secret"
     assert secret.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.timeout(60)
+def test_multihost_script_prints_one_node_command_per_host():
+    import subprocess
+    import sys
+
+    env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    out = subprocess.run(["bash", str(REPO / "launch" / "zmq-multihost.sh"), "topologies/multihost.yaml"],
+                         capture_output=True, text=True, timeout=50, cwd=REPO, env={"PATH": env_path})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "# on 192.0.2.10 (aggregator, listens at tcp://192.0.2.10:5600)" in lines
+    commands = [line for line in lines if not line.startswith("#")]
+    assert [c.split("&& ")[1] for c in commands] == [
+        f".venv/bin/devit-mq node topologies/multihost.yaml --name {n}" for n in ("aggregator", "edge0", "edge1")]
