@@ -1,0 +1,391 @@
+"""Messages: a small msgpack header plus raw payload bytes.
+
+On ZeroMQ a message is two frames, ``[header, payload]`` (the payload is ``b""`` when there is no
+array). On MPI it is one buffer (:func:`pack`)::
+
+    b"DVMQ" | uint32 LE header length | header | zero padding to a multiple of 8 | payload
+
+The padding keeps the payload 8-byte aligned whenever the buffer is, so float views need no copy.
+
+The header is a msgpack map with short keys; absent keys mean "empty":
+
+=====  =================  ===========================================================================
+key    field              value
+=====  =================  ===========================================================================
+``v``  version            int, :data:`WIRE_VERSION`; anything else is rejected
+``k``  kind               int, a :class:`Kind`
+``s``  source             str, the sending node's name (non-empty)
+``r``  reply_to           str, the client that gets the RESULT
+``i``  request_ids        bin, uint64 little-endian, one per array row for IMAGE/FEATURES/RESULT
+``c``  codec              str, a name in :data:`~devit_mq.wire.codecs.CODECS` (only with an array)
+``t``  dtype              str, the payload element type (only with an array)
+``h``  shape              array of ints, the decoded array's shape (only with an array)
+``b``  block_size         int, elements per int8 scale (only for ``int8-block``)
+``m``  meta               bin, a msgpack map of small extras (packed separately: its size is known
+                          before it is unpacked, and it is unpacked under its own caps)
+``ts`` timestamps         map str -> float, ``time.time()`` per stage
+=====  =================  ===========================================================================
+
+The int8 scales travel at the front of the payload (see :mod:`devit_mq.wire.codecs`), not in the header.
+
+Decoding is strict: every field is type- and range-checked, unknown header keys are rejected, sizes
+are checked against :class:`Limits` before anything is unpacked, msgpack runs with ``raw=False``,
+``strict_map_key=True`` and length caps, and nothing is ever unpickled. Any problem is a
+:class:`WireError` naming the field; no other exception escapes :func:`decode` or :func:`unpack`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .codecs import (
+    CODECS,
+    DEFAULT_BLOCK_SIZE,
+    block_size_for,
+    byte_view,
+    check_dtype,
+    check_shape,
+    decode_checked,
+    encode_array,
+)
+from .errors import WireError
+from .limits import DEFAULT_LIMITS, Limits
+
+WIRE_VERSION = 1
+MAGIC = b"DVMQ"
+_PREFIX = struct.Struct("<4sI")
+_MAX_TIMESTAMPS = 64
+_MAX_META_DEPTH = 32
+
+
+class Kind(enum.IntEnum):
+    IMAGE = 1  # client -> edges: uint8 images [B, H, W, C]
+    FEATURES = 2  # edge -> aggregator: prefix tokens [B, P, D]
+    RESULT = 3  # aggregator -> client: class probabilities [B, C]
+    ERROR = 4  # anyone -> anyone: meta {"code", "message"}
+    HEARTBEAT = 5  # liveness, no array
+    CONTROL = 6  # meta {"op": "hello" | "ready" | "shutdown" | "status", ...}, no array
+
+
+#: kinds that carry an array, with its number of axes; the array's first axis is the batch and must
+#: have one request id per row. The other kinds carry no array (and an empty payload).
+ARRAY_NDIM: dict[Kind, int] = {Kind.IMAGE: 4, Kind.FEATURES: 3, Kind.RESULT: 2}
+_KIND_BY_VALUE = {int(k): k for k in Kind}
+
+
+@dataclass(eq=False)
+class Message:
+    """One message. ``eq=False``: arrays make field-wise ``==`` ambiguous, so equality is identity.
+
+    After :func:`decode`, ``array`` is float32 for every codec but ``raw`` (its own dtype) and may be
+    a read-only view of the received frame (see :mod:`devit_mq.wire.codecs`).
+    """
+
+    kind: Kind
+    source: str
+    request_ids: tuple[int, ...] = ()
+    array: np.ndarray | None = None
+    codec: str = "fp32"
+    meta: dict[str, Any] = field(default_factory=dict)
+    timestamps: dict[str, float] = field(default_factory=dict)
+    reply_to: str = ""
+    block_size: int = DEFAULT_BLOCK_SIZE  # elements per scale for codec "int8-block"
+
+    def __post_init__(self) -> None:
+        if type(self.kind) is not Kind:
+            self.kind = _kind(self.kind)
+
+
+def _kind(value: object) -> Kind:
+    kind = _KIND_BY_VALUE.get(value) if type(value) is int or isinstance(value, Kind) else None  # type: ignore[call-overload]
+    if kind is None:
+        raise WireError("kind", f"unknown message kind {value!r}")
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------
+# encoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _msgpack_default(obj: Any) -> Any:
+    """Let meta hold numpy scalars and small arrays (they arrive as Python numbers and lists)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} in meta")
+
+
+def _check_name(value: object, name: str, *, required: bool, max_len: int) -> str:
+    if type(value) is not str or (required and not value) or len(value) > max_len:
+        need = "a non-empty str" if required else "a str"
+        raise WireError(name, f"must be {need} of at most {max_len} characters, got {value!r:.80}")
+    return value
+
+
+def _pack_ids(ids: Sequence[int]) -> bytes:
+    try:
+        return struct.pack(f"<{len(ids)}Q", *ids)
+    except (struct.error, TypeError, OverflowError) as exc:
+        raise WireError("request_ids", f"must be ints in [0, 2**64): {exc}") from None
+
+
+def _check_timestamps(stamps: object, max_len: int) -> dict[str, float]:
+    if type(stamps) is not dict or len(stamps) > _MAX_TIMESTAMPS:
+        raise WireError("timestamps", f"must be a dict of at most {_MAX_TIMESTAMPS} entries")
+    out = {}
+    for key, value in stamps.items():
+        if type(key) is not str or not key or len(key) > max_len:
+            raise WireError("timestamps", f"stage names must be non-empty str, got {key!r:.80}")
+        if type(value) not in (float, int) or not math.isfinite(value):
+            raise WireError("timestamps", f"stamp {key!r} must be a finite number, got {value!r:.80}")
+        out[key] = float(value)
+    return out
+
+
+def _header(msg: Message) -> tuple[dict[str, Any], bytes | memoryview]:
+    kind = _kind(msg.kind)
+    header: dict[str, Any] = {"v": WIRE_VERSION, "k": int(kind)}
+    header["s"] = _check_name(msg.source, "source", required=True, max_len=DEFAULT_LIMITS.max_name_len)
+    if msg.reply_to:
+        header["r"] = _check_name(msg.reply_to, "reply_to", required=False, max_len=DEFAULT_LIMITS.max_name_len)
+    ids = msg.request_ids
+    if ids:
+        header["i"] = _pack_ids(ids)
+    payload: bytes | memoryview = b""
+    ndim = ARRAY_NDIM.get(kind)
+    if ndim is None:
+        if msg.array is not None:
+            raise WireError("array", f"{kind.name} messages carry no array")
+    else:
+        if msg.array is None:
+            raise WireError("array", f"{kind.name} messages need an array")
+        enc = encode_array(msg.array, msg.codec, block_size=msg.block_size)
+        if len(enc.shape) != ndim:
+            raise WireError("shape", f"{kind.name} arrays have {ndim} axes, got shape {enc.shape}")
+        if enc.shape[0] != len(ids):
+            raise WireError("request_ids", f"{len(ids)} request ids for {enc.shape[0]} array rows")
+        header["c"] = enc.codec
+        header["t"] = enc.dtype
+        header["h"] = enc.shape
+        if enc.codec == "int8-block":
+            header["b"] = enc.block_size
+        payload = enc.payload
+    if msg.meta:
+        header["m"] = _pack_meta(msg.meta)
+    if msg.timestamps:
+        header["ts"] = _check_timestamps(msg.timestamps, DEFAULT_LIMITS.max_name_len)
+    return header, payload
+
+
+def _pack_meta(meta: object) -> bytes:
+    if type(meta) is not dict or any(type(key) is not str for key in meta):
+        raise WireError("meta", "must be a dict with str keys")
+    try:
+        packed = msgpack.packb(meta, default=_msgpack_default, use_bin_type=True, strict_types=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError("meta", f"not msgpack-serialisable: {exc}") from None
+    # Round-trip through the receiver's own checks so a sender learns at once what would be dropped.
+    _unpack_meta(packed, DEFAULT_LIMITS)
+    return packed
+
+
+def encode(msg: Message) -> list[bytes]:
+    """ZeroMQ frames ``[header, payload]`` (payload ``b""`` for kinds without an array)."""
+    header, payload = _header(msg)
+    return [msgpack.packb(header, use_bin_type=True), payload]
+
+
+def pack(msg: Message) -> bytes:
+    """One buffer for MPI: ``MAGIC | header length | header | pad to 8 | payload``."""
+    header, payload = _header(msg)
+    head = msgpack.packb(header, use_bin_type=True)
+    pad = -(_PREFIX.size + len(head)) % 8
+    return b"".join((_PREFIX.pack(MAGIC, len(head)), head, b"\0" * pad, payload))
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+# ----------------------------------------------------------------------------------------------
+
+_HEADER_KEYS = frozenset({"v", "k", "s", "r", "i", "c", "t", "h", "b", "m", "ts"})
+_ARRAY_KEYS = ("c", "t", "h")
+_KEY_NAMES = {"v": "version", "k": "kind", "s": "source", "r": "reply_to", "i": "request_ids", "c": "codec",
+              "t": "dtype", "h": "shape", "b": "block_size", "m": "meta", "ts": "timestamps"}
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _unpackb(data: Any, *, max_bytes: int, max_items: int, max_str: int, what: str) -> Any:
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
+            max_bin_len=max_bytes, max_str_len=max_str,
+            max_array_len=max_items, max_map_len=max_items, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo (ValueError, TypeError, StackError, ...): all mean garbage
+        raise WireError(what, f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack_meta(packed: object, limits: Limits) -> dict[str, Any]:
+    if type(packed) is not bytes:
+        raise WireError("meta", "must be a msgpack blob")
+    if len(packed) > limits.max_meta_bytes:
+        raise WireError("meta", f"{len(packed)} bytes exceed the limit of {limits.max_meta_bytes}")
+    meta = _unpackb(packed, max_bytes=limits.max_meta_bytes, max_items=limits.max_meta_bytes,
+                    max_str=limits.max_meta_bytes, what="meta")
+    if type(meta) is not dict or any(type(key) is not str for key in meta):
+        raise WireError("meta", "must be a map with str keys")
+    _check_plain(meta)
+    return meta
+
+
+def _check_plain(meta: dict[str, Any]) -> None:
+    """Only plain msgpack values (msgpack's timestamp extension would arrive as an object), nested at
+    most :data:`_MAX_META_DEPTH` deep; iterative so no input can exhaust the Python stack."""
+    stack: list[tuple[Any, int]] = [(meta, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_META_DEPTH:
+            raise WireError("meta", f"nested deeper than {_MAX_META_DEPTH}")
+        if type(value) is dict:
+            if any(type(key) is not str for key in value):
+                raise WireError("meta", "nested maps must have str keys")
+            stack.extend((item, depth + 1) for item in value.values())
+        elif type(value) is list:
+            stack.extend((item, depth + 1) for item in value)
+        elif value is not None and type(value) not in (bool, int, float, str, bytes):
+            raise WireError("meta", f"value of type {type(value).__name__} is not allowed")
+
+
+def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, expect_source: str | None) -> Message:
+    head = byte_view(head, "frames")
+    payload = byte_view(payload, "frames")
+    if len(head) > limits.header_cap:
+        raise WireError("header", f"{len(head)} bytes exceed the limit of {limits.header_cap}")
+    if len(head) + len(payload) > limits.max_message_bytes:
+        raise WireError("size", f"{len(head) + len(payload)} bytes exceed the limit of {limits.max_message_bytes}")
+    # strings may be as long as the header; each field's own length limit is checked below, so the
+    # error names the field
+    header = _unpackb(head, max_bytes=limits.header_cap, max_items=max(_MAX_TIMESTAMPS, limits.max_ndim),
+                      max_str=limits.max_header_bytes, what="header")
+    if type(header) is not dict:
+        raise WireError("header", f"must be a msgpack map, got {type(header).__name__}")
+    unknown = header.keys() - _HEADER_KEYS
+    if unknown:
+        raise WireError("header", f"unknown field(s) {sorted(map(repr, unknown))}")
+
+    if header.get("v") != WIRE_VERSION or type(header.get("v")) is not int:
+        raise WireError("version", f"unsupported wire format version {header.get('v')!r}, expected {WIRE_VERSION}")
+    if "k" not in header:
+        raise WireError("kind", "missing")
+    kind = _kind(header["k"])
+    if expect_kind is not None and kind != expect_kind:
+        raise WireError("kind", f"expected {Kind(expect_kind).name}, got {kind.name}")
+    source = _check_name(header.get("s"), "source", required=True, max_len=limits.max_name_len)
+    if expect_source is not None and source != expect_source:
+        raise WireError("source", f"expected a message from {expect_source!r}, got {source!r}")
+    reply_to = _check_name(header.get("r", ""), "reply_to", required=False, max_len=limits.max_name_len)
+
+    raw_ids = header.get("i", b"")
+    if type(raw_ids) is not bytes or len(raw_ids) % 8 or len(raw_ids) > 8 * limits.max_batch:
+        raise WireError("request_ids", f"must be at most {limits.max_batch} packed uint64s")
+    ids: tuple[int, ...] = struct.unpack(f"<{len(raw_ids) // 8}Q", raw_ids) if raw_ids else ()
+
+    array = None
+    codec = "fp32"
+    block_size = DEFAULT_BLOCK_SIZE
+    ndim = ARRAY_NDIM.get(kind)
+    if ndim is None:
+        present = [key for key in (*_ARRAY_KEYS, "b") if key in header]
+        if present:
+            raise WireError(_KEY_NAMES[present[0]], f"{kind.name} messages carry no array")
+        if len(payload):
+            raise WireError("payload", f"{kind.name} messages have an empty payload, got {len(payload)} bytes")
+    else:
+        for key in _ARRAY_KEYS:
+            if key not in header:
+                raise WireError(_KEY_NAMES[key], f"missing from a {kind.name} message")
+        shape = header["h"]
+        if type(shape) is not list or len(shape) != ndim:
+            raise WireError("shape", f"{kind.name} arrays have {ndim} axes, got {shape!r:.80}")
+        shape = check_shape(tuple(shape))
+        if shape[0] > limits.max_batch:
+            raise WireError("shape", f"batch of {shape[0]} exceeds the limit of {limits.max_batch}")
+        if math.prod(shape) > limits.max_message_bytes:
+            raise WireError("shape", f"{shape} holds more elements than a message may have bytes")
+        if shape[0] != len(ids):
+            raise WireError("request_ids", f"{len(ids)} request ids for {shape[0]} array rows")
+        codec = header["c"]
+        spec = CODECS.get(codec) if type(codec) is str else None
+        if spec is None:
+            raise WireError("codec", f"unknown codec {codec!r:.40}")
+        dtype = header["t"]
+        check_dtype(spec, dtype)
+        if spec.name == "int8-block":
+            if "b" not in header:
+                raise WireError("block_size", "missing for codec int8-block")
+            block = block_size = block_size_for(spec, shape[-1], header["b"])
+        elif "b" in header:
+            raise WireError("block_size", f"codec {codec!r} takes no block size")
+        else:
+            block = block_size_for(spec, shape[-1], 0)
+        array = decode_checked(spec, dtype, shape, block, payload, limits.allow_nonfinite)
+
+    meta = _unpack_meta(header["m"], limits) if "m" in header else {}
+    stamps = _check_timestamps(header["ts"], limits.max_name_len) if "ts" in header else {}
+    return Message(kind, source, ids, array, codec, meta, stamps, reply_to, block_size)
+
+
+def decode(
+    frames: Sequence[bytes | memoryview],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    expect_kind: Kind | None = None,
+    expect_source: str | None = None,
+) -> Message:
+    """Decode ZeroMQ frames ``[header, payload]``; raises only :class:`WireError`."""
+    try:
+        count = len(frames)
+    except TypeError:
+        raise WireError("frames", f"expected a sequence of 2 frames, got {type(frames).__name__}") from None
+    if count != 2:
+        raise WireError("frames", f"expected 2 frames (header, payload), got {count}")
+    return _decode(frames[0], frames[1], limits, expect_kind, expect_source)
+
+
+def unpack(
+    buf: bytes | memoryview | bytearray,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    expect_kind: Kind | None = None,
+    expect_source: str | None = None,
+) -> Message:
+    """Decode one :func:`pack` buffer (zero-copy slices of ``buf``); raises only :class:`WireError`."""
+    view = byte_view(buf, "frames")
+    if len(view) < _PREFIX.size:
+        raise WireError("frames", f"buffer of {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    magic, head_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise WireError("frames", f"bad magic {magic!r}, expected {MAGIC!r}")
+    if head_len > limits.header_cap:
+        raise WireError("header", f"{head_len} bytes exceed the limit of {limits.header_cap}")
+    start = _PREFIX.size + head_len
+    body = start + (-start % 8)
+    if len(view) < body:
+        raise WireError("frames", f"buffer of {len(view)} bytes is truncated inside the header")
+    if any(view[start:body]):
+        raise WireError("frames", "non-zero padding after the header")
+    view = memoryview(view)
+    return _decode(view[_PREFIX.size:start], view[body:], limits, expect_kind, expect_source)
