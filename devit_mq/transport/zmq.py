@@ -31,6 +31,7 @@ from .base import Transport, TransportError, check_frames
 
 HEARTBEAT_IVL_MS = 1000  # ZMTP pings detect a peer that vanished without closing its TCP connection
 HEARTBEAT_TIMEOUT_MS = 5000
+ZERO_COPY_BYTES = 64 * 1024
 
 
 class ZmqTransport(Transport):
@@ -155,8 +156,9 @@ class ZmqTransport(Transport):
             raise TransportError(f"{self.node}: transport is closed")
         parts = check_frames(self.node, peer, frames, self.topology.limits.max_message_bytes)
         sock, prefix = self._route(peer)
-        # Zero-copy only for immutable bytes; a bytearray the caller may reuse is copied.
-        copy = not all(isinstance(p, bytes) for p in parts)
+        # Zero-copy pays only for large frames (pyzmq's Frame setup costs more than copying a small
+        # one), and is safe only for immutable bytes: a bytearray the caller may reuse is copied.
+        copy = not all(isinstance(p, bytes) and len(p) >= ZERO_COPY_BYTES for p in parts)
         try:
             sock.send_multipart(prefix + parts, copy=copy)
         except zmq.Again:
