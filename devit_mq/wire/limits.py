@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 MiB = 1 << 20
 KiB = 1 << 10
+MAX_HEADER_ITEMS = 64  # entries of any header map or array (the timestamps map is the largest)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,25 @@ class Limits:
     def header_cap(self) -> int:
         """Largest header frame accepted (the fixed part plus the meta blob)."""
         return self.max_header_bytes + self.max_meta_bytes
+
+    # The msgpack caps derived from these limits, built once per Limits (decode is called per message).
+    # No string or blob can be longer than the frame that holds it; item counts are capped so a small
+    # hostile frame cannot expand into millions of objects. Extension types (including msgpack's
+    # timestamp) are refused: the wire carries plain values only.
+
+    @cached_property
+    def header_unpack_kwargs(self) -> dict[str, Any]:
+        return self._unpack_kwargs(self.header_cap, max(MAX_HEADER_ITEMS, self.max_ndim))
+
+    @cached_property
+    def meta_unpack_kwargs(self) -> dict[str, Any]:
+        return self._unpack_kwargs(self.max_meta_bytes, self.max_meta_bytes)
+
+    @staticmethod
+    def _unpack_kwargs(max_bytes: int, max_items: int) -> dict[str, Any]:
+        return {"raw": False, "strict_map_key": True, "use_list": True, "ext_hook": _reject_ext,
+                "max_str_len": max_bytes, "max_bin_len": max_bytes, "max_array_len": max_items,
+                "max_map_len": max_items, "max_ext_len": 0}
 
 
 DEFAULT_LIMITS = Limits()

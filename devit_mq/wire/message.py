@@ -57,12 +57,12 @@ from .codecs import (
     encode_array,
 )
 from .errors import WireError
-from .limits import DEFAULT_LIMITS, Limits
+from .limits import DEFAULT_LIMITS, MAX_HEADER_ITEMS, Limits
 
 WIRE_VERSION = 1
 MAGIC = b"DVMQ"
 _PREFIX = struct.Struct("<4sI")
-_MAX_TIMESTAMPS = 64
+_MAX_TIMESTAMPS = MAX_HEADER_ITEMS
 _MAX_META_DEPTH = 32
 
 
@@ -105,7 +105,7 @@ class Message:
 
 
 def _kind(value: object) -> Kind:
-    kind = _KIND_BY_VALUE.get(value) if type(value) is int or isinstance(value, Kind) else None  # type: ignore[call-overload]
+    kind = _KIND_BY_VALUE.get(value) if type(value) is int or type(value) is Kind else None  # type: ignore[call-overload]
     if kind is None:
         raise WireError("kind", f"unknown message kind {value!r}")
     return kind
@@ -223,17 +223,9 @@ _KEY_NAMES = {"v": "version", "k": "kind", "s": "source", "r": "reply_to", "i": 
               "t": "dtype", "h": "shape", "b": "block_size", "m": "meta", "ts": "timestamps"}
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
-
-
-def _unpackb(data: Any, *, max_bytes: int, max_items: int, max_str: int, what: str) -> Any:
+def _unpackb(data: Any, kwargs: dict[str, Any], what: str) -> Any:
     try:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
-            max_bin_len=max_bytes, max_str_len=max_str,
-            max_array_len=max_items, max_map_len=max_items, max_ext_len=0,
-        )
+        return msgpack.unpackb(data, **kwargs)
     except Exception as exc:  # msgpack raises a zoo (ValueError, TypeError, StackError, ...): all mean garbage
         raise WireError(what, f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 
@@ -243,8 +235,7 @@ def _unpack_meta(packed: object, limits: Limits) -> dict[str, Any]:
         raise WireError("meta", "must be a msgpack blob")
     if len(packed) > limits.max_meta_bytes:
         raise WireError("meta", f"{len(packed)} bytes exceed the limit of {limits.max_meta_bytes}")
-    meta = _unpackb(packed, max_bytes=limits.max_meta_bytes, max_items=limits.max_meta_bytes,
-                    max_str=limits.max_meta_bytes, what="meta")
+    meta = _unpackb(packed, limits.meta_unpack_kwargs, "meta")
     if type(meta) is not dict or any(type(key) is not str for key in meta):
         raise WireError("meta", "must be a map with str keys")
     _check_plain(meta)
@@ -270,38 +261,38 @@ def _check_plain(meta: dict[str, Any]) -> None:
 
 
 def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, expect_source: str | None) -> Message:
-    head = byte_view(head, "frames")
-    payload = byte_view(payload, "frames")
+    if type(head) is not bytes:
+        head = byte_view(head, "frames")
+    if type(payload) is not bytes:
+        payload = byte_view(payload, "frames")
     if len(head) > limits.header_cap:
         raise WireError("header", f"{len(head)} bytes exceed the limit of {limits.header_cap}")
     if len(head) + len(payload) > limits.max_message_bytes:
         raise WireError("size", f"{len(head) + len(payload)} bytes exceed the limit of {limits.max_message_bytes}")
-    # strings may be as long as the header; each field's own length limit is checked below, so the
-    # error names the field
-    header = _unpackb(head, max_bytes=limits.header_cap, max_items=max(_MAX_TIMESTAMPS, limits.max_ndim),
-                      max_str=limits.max_header_bytes, what="header")
+    header = _unpackb(head, limits.header_unpack_kwargs, "header")
     if type(header) is not dict:
         raise WireError("header", f"must be a msgpack map, got {type(header).__name__}")
-    unknown = header.keys() - _HEADER_KEYS
-    if unknown:
+    if not header.keys() <= _HEADER_KEYS:
+        unknown = header.keys() - _HEADER_KEYS
         raise WireError("header", f"unknown field(s) {sorted(map(repr, unknown))}")
+    get = header.get
 
-    if header.get("v") != WIRE_VERSION or type(header.get("v")) is not int:
-        raise WireError("version", f"unsupported wire format version {header.get('v')!r}, expected {WIRE_VERSION}")
-    if "k" not in header:
-        raise WireError("kind", "missing")
-    kind = _kind(header["k"])
+    version = get("v")
+    if type(version) is not int or version != WIRE_VERSION:
+        raise WireError("version", f"unsupported wire format version {version!r:.40}, expected {WIRE_VERSION}")
+    kind = _kind(get("k"))
     if expect_kind is not None and kind != expect_kind:
         raise WireError("kind", f"expected {Kind(expect_kind).name}, got {kind.name}")
-    source = _check_name(header.get("s"), "source", required=True, max_len=limits.max_name_len)
+    # Strings may be as long as the header; each field's own limit is checked here so the error names it.
+    source = _check_name(get("s"), "source", required=True, max_len=limits.max_name_len)
     if expect_source is not None and source != expect_source:
         raise WireError("source", f"expected a message from {expect_source!r}, got {source!r}")
-    reply_to = _check_name(header.get("r", ""), "reply_to", required=False, max_len=limits.max_name_len)
+    reply_to = _check_name(get("r", ""), "reply_to", required=False, max_len=limits.max_name_len)
 
-    raw_ids = header.get("i", b"")
+    raw_ids = get("i", b"")
     if type(raw_ids) is not bytes or len(raw_ids) % 8 or len(raw_ids) > 8 * limits.max_batch:
         raise WireError("request_ids", f"must be at most {limits.max_batch} packed uint64s")
-    ids: tuple[int, ...] = struct.unpack(f"<{len(raw_ids) // 8}Q", raw_ids) if raw_ids else ()
+    ids: tuple[int, ...] = struct.unpack(f"<{len(raw_ids) >> 3}Q", raw_ids) if raw_ids else ()
 
     array = None
     codec = "fp32"
