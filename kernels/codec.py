@@ -297,8 +297,9 @@ def dequantize_int8_numba(q: np.ndarray, scales: np.ndarray, block: int) -> np.n
 
 
 def _flat(x: np.ndarray, dtype: type) -> np.ndarray:
-    if x.dtype != dtype or not x.flags.c_contiguous:
-        raise ValueError(f"expected a C-contiguous {np.dtype(dtype).name} array, got {x.dtype}")
+    """``x`` as a 1-D array (a view when contiguous, else a copy)."""
+    if x.dtype != dtype:
+        raise ValueError(f"expected a {np.dtype(dtype).name} array, got {x.dtype}")
     return x.reshape(-1)
 
 

@@ -121,6 +121,8 @@ def test_kernels_reject_bad_input():
         K.num_blocks(10, 0)
     with pytest.raises(ValueError):
         K.f32_to_f16_numba(np.zeros(3, np.float64))
+    strided = np.arange(12, dtype=np.float32)[::3]  # non-contiguous input is fine for the converters
+    np.testing.assert_array_equal(K.f32_to_f16_numba(strided), K.f32_to_f16_ref(strided))
 
 
 # ---------------------------------------------------------------------------------------------- fp16 / bf16

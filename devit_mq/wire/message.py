@@ -188,8 +188,8 @@ def _header(msg: Message) -> tuple[dict[str, Any], bytes | memoryview]:
 
 
 def _pack_meta(meta: object) -> bytes:
-    if type(meta) is not dict or any(type(key) is not str for key in meta):
-        raise WireError("meta", "must be a dict with str keys")
+    if type(meta) is not dict:
+        raise WireError("meta", f"must be a dict, got {type(meta).__name__}")
     try:
         packed = msgpack.packb(meta, default=_msgpack_default, use_bin_type=True, strict_types=False)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -236,28 +236,33 @@ def _unpack_meta(packed: object, limits: Limits) -> dict[str, Any]:
     if len(packed) > limits.max_meta_bytes:
         raise WireError("meta", f"{len(packed)} bytes exceed the limit of {limits.max_meta_bytes}")
     meta = _unpackb(packed, limits.meta_unpack_kwargs, "meta")
-    if type(meta) is not dict or any(type(key) is not str for key in meta):
-        raise WireError("meta", "must be a map with str keys")
-    _check_plain(meta)
+    if type(meta) is not dict:
+        raise WireError("meta", f"must be a map, got {type(meta).__name__}")
+    _check_plain(meta, 0)
     return meta
 
 
-def _check_plain(meta: dict[str, Any]) -> None:
-    """Only plain msgpack values (msgpack's timestamp extension would arrive as an object), nested at
-    most :data:`_MAX_META_DEPTH` deep; iterative so no input can exhaust the Python stack."""
-    stack: list[tuple[Any, int]] = [(meta, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > _MAX_META_DEPTH:
-            raise WireError("meta", f"nested deeper than {_MAX_META_DEPTH}")
-        if type(value) is dict:
-            if any(type(key) is not str for key in value):
-                raise WireError("meta", "nested maps must have str keys")
-            stack.extend((item, depth + 1) for item in value.values())
-        elif type(value) is list:
-            stack.extend((item, depth + 1) for item in value)
-        elif value is not None and type(value) not in (bool, int, float, str, bytes):
-            raise WireError("meta", f"value of type {type(value).__name__} is not allowed")
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _check_plain(value: Any, depth: int) -> None:
+    """Maps with str keys (msgpack would also allow bytes), nested at most :data:`_MAX_META_DEPTH`
+    deep, so code that walks meta recursively (json, logging) cannot be made to overflow its stack;
+    the recursion here is bounded by that same depth. Extension types never get this far."""
+    if depth > _MAX_META_DEPTH:
+        raise WireError("meta", f"nested deeper than {_MAX_META_DEPTH}")
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise WireError("meta", f"map keys must be str, got {type(key).__name__}")
+            if type(item) not in _SCALARS:
+                _check_plain(item, depth + 1)
+    elif type(value) is list:
+        for item in value:
+            if type(item) not in _SCALARS:
+                _check_plain(item, depth + 1)
+    elif type(value) not in _SCALARS:
+        raise WireError("meta", f"value of type {type(value).__name__} is not allowed")
 
 
 def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, expect_source: str | None) -> Message:
