@@ -67,6 +67,8 @@ _MAX_META_DEPTH = 32
 
 
 class Kind(enum.IntEnum):
+    """What a message is; the int is what travels."""
+
     IMAGE = 1  # client -> edges: uint8 images [B, H, W, C]
     FEATURES = 2  # edge -> aggregator: prefix tokens [B, P, D]
     RESULT = 3  # aggregator -> client: class probabilities [B, C]
@@ -83,10 +85,18 @@ _KIND_BY_VALUE = {int(k): k for k in Kind}
 
 @dataclass(eq=False)
 class Message:
-    """One message. ``eq=False``: arrays make field-wise ``==`` ambiguous, so equality is identity.
+    """One message.
+
+    ``source`` names the sending node; ``request_ids`` are uint64s, one per row of ``array`` for the
+    kinds in :data:`ARRAY_NDIM` (IMAGE uint8 ``[B, H, W, C]``, FEATURES float32 ``[B, P, D]``, RESULT
+    float32 ``[B, C]``), the requests concerned for the others; ``codec`` says how ``array`` travels
+    (``block_size`` is used by ``int8-block`` only); ``meta`` holds small msgpack-able extras (numpy
+    scalars and arrays are sent as plain numbers and lists); ``timestamps`` maps stage names to
+    ``time.time()`` stamps; ``reply_to`` names the client that gets the RESULT.
 
     After :func:`decode`, ``array`` is float32 for every codec but ``raw`` (its own dtype) and may be
-    a read-only view of the received frame (see :mod:`devit_mq.wire.codecs`).
+    a read-only view of the received frame (see :mod:`devit_mq.wire.codecs`). ``eq=False``: arrays
+    make field-wise ``==`` ambiguous, so equality is identity.
     """
 
     kind: Kind
@@ -152,7 +162,7 @@ def _check_timestamps(stamps: object, max_len: int) -> dict[str, float]:
     return out
 
 
-def _header(msg: Message) -> tuple[dict[str, Any], bytes | memoryview]:
+def _header(msg: Message) -> tuple[dict[str, Any], bytes]:
     kind = _kind(msg.kind)
     header: dict[str, Any] = {"v": WIRE_VERSION, "k": int(kind)}
     header["s"] = _check_name(msg.source, "source", required=True, max_len=DEFAULT_LIMITS.max_name_len)
@@ -161,7 +171,7 @@ def _header(msg: Message) -> tuple[dict[str, Any], bytes | memoryview]:
     ids = msg.request_ids
     if ids:
         header["i"] = _pack_ids(ids)
-    payload: bytes | memoryview = b""
+    payload = b""
     ndim = ARRAY_NDIM.get(kind)
     if ndim is None:
         if msg.array is not None:
@@ -200,7 +210,10 @@ def _pack_meta(meta: object) -> bytes:
 
 
 def encode(msg: Message) -> list[bytes]:
-    """ZeroMQ frames ``[header, payload]`` (payload ``b""`` for kinds without an array)."""
+    """ZeroMQ frames ``[header, payload]`` (payload ``b""`` for kinds without an array).
+
+    Refuses (with a :class:`WireError` naming the field) anything a receiver with the default
+    :class:`Limits` would drop, so a sender's bug shows up at the sender."""
     header, payload = _header(msg)
     return [msgpack.packb(header, use_bin_type=True), payload]
 
