@@ -116,12 +116,14 @@ def _as_device_array(x: Any) -> Any:
 
 
 def fused_attention(qkv: Any, num_heads: int, out: Any = None, *, block_q: int = DEFAULT_BLOCK_Q,
-                    block_k: int = DEFAULT_BLOCK_K) -> Any:
+                    block_k: int = DEFAULT_BLOCK_K, stream: Any = 0) -> Any:
     """Multi-head attention from the packed projection ``[B, N, 3*D]`` (float32 or float16).
 
     ``qkv`` is a numpy array (copied to the device; the result comes back as numpy, into ``out`` if
     given) or a CUDA device array / any object with ``__cuda_array_interface__`` (the result stays
     on the device, in ``out`` if given). Accumulation is fp32 and the output is float32.
+    ``stream`` is the CUDA stream to launch on (e.g. ``cuda.external_stream`` of torch's current
+    stream, so the kernel is ordered with the torch ops around it).
     """
     if not available():
         raise KernelUnavailable("no CUDA device found (set NUMBA_ENABLE_CUDASIM=1 before importing "
@@ -155,17 +157,20 @@ def fused_attention(qkv: Any, num_heads: int, out: Any = None, *, block_q: int =
         if on_device != _is_device_array(out):
             raise TypeError("out must live where qkv lives (both host or both device arrays)")
 
-    d_qkv = qkv if on_device else cuda.to_device(np.ascontiguousarray(qkv))
+    d_qkv = qkv if on_device else cuda.to_device(np.ascontiguousarray(qkv), stream=stream)
     if on_device:
         d_out = _as_device_array(out) if out is not None else cuda.device_array(shape, np.float32)
     else:
         d_out = cuda.device_array(shape, np.float32)
     grid = ((tokens + block_q - 1) // block_q, batch * num_heads)
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    _kernel(block_q, block_k, MAX_HEAD_DIM)[grid, block_q](d_qkv, d_out, int(num_heads), head_dim, scale)
+    kernel = _kernel(block_q, block_k, MAX_HEAD_DIM)
+    kernel[grid, block_q, stream](d_qkv, d_out, int(num_heads), head_dim, scale)
     if on_device:
         return d_out
     if out is None:
-        return d_out.copy_to_host()
-    d_out.copy_to_host(out)
+        return d_out.copy_to_host(stream=stream)
+    d_out.copy_to_host(out, stream=stream)
+    if stream:
+        stream.synchronize()
     return out

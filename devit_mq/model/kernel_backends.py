@@ -61,7 +61,11 @@ def cuda_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         raise TypeError(f"the cuda attention backend takes float32 or float16, got {x.dtype}")
     out = _output_like(x)
     if x.is_cuda:
-        attention_cuda.fused_attention(x, num_heads, out=out)
+        from numba import cuda
+
+        # launch on torch's current stream: ordered after the qkv projection, before attn.proj
+        stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
+        attention_cuda.fused_attention(x, num_heads, out=out, stream=stream)
     else:
         attention_cuda.fused_attention(x.numpy(), num_heads, out=out.numpy())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
