@@ -38,14 +38,14 @@ def main_node(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
     from devit_mq.topology import TopologyError, load_topology
-    from devit_mq.transport import open_transport
+    from devit_mq.transport import TransportError, open_transport
 
     from .runtime import build_node, serve
 
     try:
         topology = load_topology(args.topology)
         transport = open_transport(topology, args.name)
-    except (TopologyError, OSError) as exc:
+    except (TopologyError, TransportError, OSError) as exc:
         return _fail(str(exc))
     try:
         node = build_node(topology, args.name, transport)
@@ -221,9 +221,11 @@ def main_mpi(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq mpi", description=(
         "Run under mpirun: rank r becomes the topology's r-th node (client = rank 0)."))
     p.add_argument("topology")
-    p.add_argument("--run", choices=["demo", "check"], default="demo",
-                   help="the workload the client rank runs before it stops every node: the demo, or "
-                        "'check': classify --images N seeded random images and print their labels")
+    p.add_argument("--run", choices=["demo", "check", "bench"], default="demo",
+                   help="the workload the client rank runs before it stops every node: the demo, "
+                        "'check': classify --images N seeded random images and print their labels, or "
+                        "'bench': the workload file --bench-config names (written by 'devit-mq bench')")
+    p.add_argument("--bench-config", default=None, help="with --run bench: the workload file")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -263,6 +265,12 @@ def main_mpi(argv: list[str]) -> int:
                           "submodel": topology.node(n).submodel, "threads": topology.node(n).threads}
                          for n, r in sorted(ranks.items(), key=lambda kv: kv[1])]
             print(_demo_report(client, topology, args.limit, processes), flush=True)
+        elif args.run == "bench":
+            from devit_mq.bench.runtime import run_mpi_client
+
+            if args.bench_config is None:
+                return _fail("--run bench needs --bench-config FILE")
+            run_mpi_client(client, topology, args.bench_config)
         else:
             print(_check_report(client, args.images, args.seed), flush=True)
     finally:
