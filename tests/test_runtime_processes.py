@@ -1,6 +1,7 @@
 """Integration: real node processes over real ZeroMQ sockets and real mpirun, checked against the
 in-process reference; bad topologies fail fast with their message."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,30 @@ def test_mpirun_with_wrong_rank_count_fails_clearly(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
     assert out.returncode != 0
     assert "4" in out.stderr and "3" in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_infer_command_classifies_image_files(tmp_path):
+    from PIL import Image
+
+    import devit_mq
+
+    bundle = make_bundle(tmp_path / "bundle")
+    topo = write_topology(tmp_path / "t.yaml", bundle)
+    imgs = images(3)
+    paths = []
+    for i, img in enumerate(imgs):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(img[..., 0]).save(paths[-1])
+    with Launcher(topo, log_dir=tmp_path / "logs"):
+        out = subprocess.run([sys.executable, "-m", "devit_mq.cli", "infer", str(topo), *map(str, paths), "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [r["label"] for r in rows] == reference(bundle, imgs, "fp32").argmax(1).tolist()
+        assert all(r["class"] == f"c{r['label']}" and r["error"] is None for r in rows)
+        with devit_mq.Client(topo) as client:
+            assert client.classes == ["c0", "c1", "c2", "c3"]
+        missing = subprocess.run([sys.executable, "-m", "devit_mq.cli", "infer", str(topo), "nope.png"],
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2 and "nope.png" in missing.stderr
