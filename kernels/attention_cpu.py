@@ -187,8 +187,8 @@ def _check(qkv: np.ndarray, num_heads: int, out: np.ndarray | None) -> tuple[int
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if three_d % (3 * num_heads) or three_d == 0:
         raise ValueError(f"qkv's last axis ({three_d}) is not 3 * num_heads ({num_heads}) * head_dim")
-    if tokens == 0 or batch == 0:
-        raise ValueError(f"qkv has no tokens or no batch: shape {qkv.shape}")
+    if tokens == 0:  # a softmax over no keys is undefined (an empty batch is fine)
+        raise ValueError(f"qkv has no tokens: shape {qkv.shape}")
     dim = three_d // 3
     if out is not None:
         if not isinstance(out, np.ndarray) or out.shape != (batch, tokens, dim) \
@@ -209,6 +209,8 @@ def fused_attention(qkv: np.ndarray, num_heads: int, out: np.ndarray | None = No
     batch, tokens, dim = _check(qkv, num_heads, out)
     if out is None:
         out = np.empty((batch, tokens, dim), np.float32)
+    if batch == 0:
+        return out
     q_block, chunks = plan_query_blocks(batch, int(num_heads), tokens, numba.get_num_threads())
     scores, vectors = _scratch_for(chunks, q_block, tokens)
     limit_scipy_blas_threads()

@@ -141,8 +141,8 @@ def fused_attention(qkv: Any, num_heads: int, out: Any = None, *, block_q: int =
     if not isinstance(num_heads, (int, np.integer)) or num_heads <= 0 or three_d == 0 \
             or three_d % (3 * num_heads):
         raise ValueError(f"qkv's last axis ({three_d}) is not 3 * num_heads ({num_heads!r}) * head_dim")
-    if batch == 0 or tokens == 0:
-        raise ValueError(f"qkv has no tokens or no batch: shape {(batch, tokens, three_d)}")
+    if tokens == 0:  # a softmax over no keys is undefined (an empty batch is fine)
+        raise ValueError(f"qkv has no tokens: shape {(batch, tokens, three_d)}")
     head_dim = three_d // (3 * num_heads)
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} exceeds the kernel's MAX_HEAD_DIM={MAX_HEAD_DIM}")
@@ -157,6 +157,10 @@ def fused_attention(qkv: Any, num_heads: int, out: Any = None, *, block_q: int =
         if on_device != _is_device_array(out):
             raise TypeError("out must live where qkv lives (both host or both device arrays)")
 
+    if batch == 0:  # nothing to launch (a grid dimension of 0 is an error)
+        if out is not None:
+            return out
+        return cuda.device_array(shape, np.float32) if on_device else np.empty(shape, np.float32)
     d_qkv = qkv if on_device else cuda.to_device(np.ascontiguousarray(qkv), stream=stream)
     if on_device:
         d_out = _as_device_array(out) if out is not None else cuda.device_array(shape, np.float32)

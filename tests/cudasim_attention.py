@@ -56,6 +56,13 @@ def test_kernel_on_device_arrays_stays_on_device_and_fills_out():
     np.testing.assert_allclose(d_out.copy_to_host(), attention_reference(qkv, 1), atol=1e-5)
 
 
+def test_kernel_accepts_an_empty_batch():
+    out = attention_cuda.fused_attention(np.zeros((0, 5, 6), np.float32), 1)
+    assert out.shape == (0, 5, 2) and out.dtype == np.float32
+    with pytest.raises(ValueError, match="no tokens"):
+        attention_cuda.fused_attention(np.zeros((1, 0, 6), np.float32), 1)
+
+
 def test_kernel_fills_host_out():
     qkv = make_qkv(1, 1, 9, 4, seed=6)
     out = np.full((1, 9, 4), np.nan, np.float32)

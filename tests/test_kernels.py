@@ -81,6 +81,11 @@ def test_cpu_kernel_propagates_nan_to_the_affected_head_only():
     assert np.isfinite(out[0, :, 4:]).all()
 
 
+def test_cpu_kernel_accepts_an_empty_batch():
+    out = attention_cpu.fused_attention(np.zeros((0, 7, 12), np.float32), 2)
+    assert out.shape == (0, 7, 4) and out.dtype == np.float32
+
+
 def test_cpu_kernel_writes_into_out_and_reuses_nothing_stale():
     qkv_a, qkv_b = make_qkv(2, 3, 31, 8, seed=1), make_qkv(2, 3, 31, 8, seed=2)
     out = np.full((2, 31, 24), np.nan, np.float32)
@@ -98,6 +103,7 @@ def test_cpu_kernel_writes_into_out_and_reuses_nothing_stale():
         (np.zeros((1, 4, 12), np.float32), 5, None, ValueError, "num_heads"),
         (np.zeros((4, 12), np.float32), 2, None, ValueError, "3-d"),
         (np.zeros((1, 0, 12), np.float32), 2, None, ValueError, "no tokens"),
+        (np.zeros((0, 0, 12), np.float32), 2, None, ValueError, "no tokens"),
         (np.zeros((1, 4, 12), np.float32), 0, None, ValueError, "positive"),
         (np.zeros((1, 4, 12), np.float32), 2, np.zeros((1, 4, 5), np.float32), ValueError, "out"),
         (np.zeros((1, 4, 12), np.float32), 2, np.zeros((1, 4, 4), np.float64), ValueError, "out"),

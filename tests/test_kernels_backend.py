@@ -73,6 +73,12 @@ def test_numba_backend_attention_matches_sdpa_at_vit_tiny_shape():
     assert diff <= 1e-4
 
 
+def test_vit_numba_backend_handles_an_empty_batch():
+    model = VisionTransformer(CONFIGS["one-head-hd5"].replace(attention_backend="numba")).eval()
+    with torch.inference_mode():
+        assert model(torch.zeros(0, 3, 28, 28)).shape == (0, 3)
+
+
 def test_numba_backend_follows_torch_thread_count():
     previous = torch.get_num_threads()
     try:
