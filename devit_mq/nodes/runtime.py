@@ -13,7 +13,7 @@ import numpy as np
 from devit_mq.model import load_fusion, load_manifest, load_submodel
 from devit_mq.topology import Topology, check_against_bundle, load_topology
 from devit_mq.transport import Transport, open_transport
-from devit_mq.wire import Limits
+from devit_mq.wire import Limits, warmup
 
 from .aggregator import AggregatorNode
 from .base import NodeBase, configure_threads
@@ -31,6 +31,7 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
     """Load only what node ``name`` needs from the bundle and wire it to ``transport``."""
     spec = topology.node(name)
     configure_threads(spec.threads)
+    warmup()  # load the codec kernels now, not on the first request
     manifest = load_manifest(topology.bundle)
     check_against_bundle(topology, manifest)
     limits = wire_limits(topology)
@@ -74,6 +75,7 @@ def serve(node: NodeBase) -> None:
 
 
 def make_client(topology: Topology, transport: Transport, name: str, timeout_s: float = 30.0) -> ClientNode:
+    warmup()
     return ClientNode(name, transport, [e.name for e in topology.edges], topology.aggregator.name,
                       image_codec=topology.image_codec, timeout_s=timeout_s, limits=wire_limits(topology))
 
