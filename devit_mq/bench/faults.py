@@ -1,0 +1,174 @@
+"""Fault injection for stress runs: fault specs, edge processes whose transport is a
+:class:`~devit_mq.transport.FaultyTransport`, and a launcher that can start, kill and restart them.
+
+A spec is ``drop=0.02,delay_ms=5,jitter_ms=5,duplicate=0.02,corrupt=0.01,peers=edge0+aggregator``:
+per-message probabilities, a fixed delay plus uniform jitter, and optionally the peers whose links
+are affected (``+``-separated; default: every peer). On a client it wraps the image sends to the
+edges; on an edge, its feature (and heartbeat) sends to the aggregator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from devit_mq.nodes.launcher import Launcher, NodeProcess
+from devit_mq.topology import NodeSpec
+from devit_mq.transport import FaultyTransport, Transport, TransportError
+
+
+class FaultSpecError(ValueError):
+    """A fault spec string is malformed; the message names the offending item."""
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    drop: float = 0.0
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    duplicate: float = 0.0
+    corrupt: float = 0.0
+    peers: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> FaultSpec:
+        values: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in cls.__dataclass_fields__:
+                raise FaultSpecError(f"fault spec item {item!r}: expected KEY=VALUE with KEY one of "
+                                     f"{', '.join(cls.__dataclass_fields__)}")
+            if key == "peers":
+                values[key] = tuple(p for p in value.split("+") if p)
+                continue
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise FaultSpecError(f"fault spec item {item!r}: {value!r} is not a number") from None
+        spec = cls(**values)
+        for key in ("drop", "duplicate", "corrupt"):
+            if not 0.0 <= getattr(spec, key) <= 1.0:
+                raise FaultSpecError(f"fault spec: {key}={getattr(spec, key)} is not a probability in [0, 1]")
+        if spec.delay_ms < 0 or spec.jitter_ms < 0:
+            raise FaultSpecError("fault spec: delay_ms and jitter_ms must be >= 0")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["peers"] = list(self.peers) if self.peers is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FaultSpec:
+        peers = data.get("peers")
+        return cls(**{**data, "peers": tuple(peers) if peers is not None else None})
+
+    def wrap(self, transport: Transport, seed: int = 0) -> FaultyTransport:
+        return LinkFaults(transport, drop=self.drop, delay_s=self.delay_ms / 1e3, jitter_s=self.jitter_ms / 1e3,
+                               duplicate=self.duplicate, corrupt=self.corrupt, seed=seed, peers=self.peers)
+
+
+class LinkFaults(FaultyTransport):
+    """A FaultyTransport whose delayed messages may meet a dead link: ``FaultyTransport`` sends them
+    from inside later ``send``/``recv`` calls, where the inner transport's TransportError would
+    surface in a *receive* and stop the node. Here such a message is dropped and counted
+    (``stats["lost_delayed"]``), as a link going down under a message in flight would do."""
+
+    def _release_due(self) -> None:
+        now = time.monotonic()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, peer, frames = heapq.heappop(self._delayed)
+            try:
+                self.inner.send(peer, frames)
+            except TransportError:
+                self.stats["lost_delayed"] = self.stats.get("lost_delayed", 0) + 1
+
+
+class FaultLauncher(Launcher):
+    """A :class:`Launcher` whose edges may run behind a fault-injecting transport, and whose nodes
+    can be killed and restarted mid-run (the stress run's fault scenarios)."""
+
+    def __init__(self, topology, edge_faults: FaultSpec | None = None, faulty_edges: Collection[str] | None = None,
+                 seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(topology, **kwargs)
+        self.edge_faults = edge_faults
+        self.faulty_edges = set(faulty_edges) if faulty_edges is not None else None
+        self.seed = seed
+        self.killed: set[str] = set()
+
+    def _spawn(self, spec: NodeSpec) -> NodeProcess:
+        faulty = self.faulty_edges is None or spec.name in self.faulty_edges
+        if self.edge_faults is None or spec.role != "edge" or not faulty:
+            return super()._spawn(spec)
+        log_path = self.log_dir / f"{spec.name}.log"
+        cmd = [self.python, "-m", "devit_mq.bench.faults", str(self.topology_path), "--name", spec.name,
+               "--faults", json.dumps(self.edge_faults.to_dict()), "--seed", str(self.seed + spec.rank)]
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        return NodeProcess(spec, proc, log_path)
+
+    def _index(self, name: str) -> int:
+        for i, node in enumerate(self.processes):
+            if node.spec.name == name:
+                return i
+        raise KeyError(f"no local node process named {name!r} (started: "
+                       f"{', '.join(n.spec.name for n in self.processes)})")
+
+    def kill(self, name: str) -> int:
+        """SIGKILL node ``name`` (no goodbye to its peers: a crash); returns its pid."""
+        node = self.processes[self._index(name)]
+        node.proc.kill()
+        node.proc.wait(10)
+        self.killed.add(name)
+        return node.proc.pid
+
+    def restart(self, name: str) -> int:
+        """Start a killed node again under the same name; returns the new pid."""
+        i = self._index(name)
+        self.processes[i] = self._spawn(self.processes[i].spec)
+        self.killed.discard(name)
+        return self.processes[i].proc.pid
+
+    def alive(self) -> dict[str, bool]:
+        return {node.spec.name: node.proc.poll() is None for node in self.processes}
+
+
+def main(argv: list[str]) -> int:
+    """``python -m devit_mq.bench.faults TOPOLOGY --name EDGE --faults JSON``: one node whose sends go
+    through a FaultyTransport (what FaultLauncher starts)."""
+    p = argparse.ArgumentParser(prog="python -m devit_mq.bench.faults")
+    p.add_argument("topology", type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--faults", required=True, help="a FaultSpec as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    from devit_mq.nodes.runtime import build_node, serve
+    from devit_mq.topology import load_topology
+    from devit_mq.transport import open_transport
+
+    topology = load_topology(args.topology)
+    faults = FaultSpec.from_dict(json.loads(args.faults))
+    transport = faults.wrap(open_transport(topology, args.name), seed=args.seed)
+    node = build_node(topology, args.name, transport)
+    logging.getLogger("devit_mq").info("%s: serving behind faults %s (pid %d)", args.name, faults, os.getpid())
+    serve(node)
+    logging.getLogger("devit_mq").info("%s: stopped; faults done %s; metrics %s", args.name, transport.stats,
+                                       json.dumps(node.metrics.snapshot()["counters"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,441 @@
+"""``devit-mq bench TOPOLOGY``: collaborative (DeViT) vs monolithic inference, side by side in one run.
+
+One run, one set of seeded images, four ways of classifying them:
+
+- the monolithic teacher in one process, on 1 thread and on 2 threads;
+- the DeViT topology with each edge its own 1-thread process, over ZeroMQ (launched here) and over
+  MPI (``mpirun``, the client rank runs :func:`run_mpi_client`).
+
+Each DeViT phase also runs the teacher *in its client process, interleaved in rounds with the
+DeViT requests* (the topology idles meanwhile), so that the ratios compare numbers measured under
+the same machine load: shared machines drift by tens of percent within a minute.
+
+Per way: latency p50/p99 at batch 1 (sequential requests) and throughput at the best batch size;
+for DeViT also the framework overhead (end-to-end latency minus the slowest edge's compute, from
+the answers' stage timers), per-node CPU seconds and peak RSS (the nodes' telemetry, which the
+aggregator's status carries), and energy per image from RAPL where readable, else CPU-seconds per
+image. Then the transport efficiency (:mod:`devit_mq.bench.transport_rates`). Bundles are built
+with random weights of the issue's shapes unless ``--bundle`` names one (it must ship a teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from devit_mq.metrics import percentiles, process_usage, rapl_energy_uj
+
+from . import report
+from .bundles import SHAPES, ensure_bundle, shapes_named
+
+STATUS_SETTLE_S = 0.75  # edges' telemetry rides on 0.5 s heartbeats: wait for one after a phase
+
+
+class BenchError(RuntimeError):
+    """A benchmark phase could not run; the message names the phase and the cause."""
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """How much to measure. ``QUICK`` is the CI smoke size; the default takes a few minutes."""
+
+    latency_requests: int = 40
+    rounds: int = 4  # DeViT and teacher latency requests alternate in this many chunks
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    throughput_images: int = 64
+    window: int = 2  # batches in flight during throughput runs
+    teacher_threads: tuple[int, ...] = (1, 2)
+    teacher_batch_sizes: tuple[int, ...] = (1, 4, 8)
+    teacher_throughput_images: int = 16
+    rate_features: int = 20000
+    rate_images: int = 2000
+    rate_repeats: int = 3
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchPlan:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+QUICK = BenchPlan(latency_requests=6, rounds=2, batch_sizes=(1, 4), throughput_images=8, teacher_batch_sizes=(1, 4),
+                  teacher_throughput_images=4, rate_features=2000, rate_images=200, rate_repeats=1)
+
+
+def bench_images(n: int, image_shape: Sequence[int], seed: int) -> np.ndarray:
+    """The images every way classifies: seeded uniform uint8 (content is irrelevant to timing)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _tile(images: np.ndarray, n: int) -> np.ndarray:
+    return images[np.arange(n) % len(images)]
+
+
+# -- the monolithic teacher -----------------------------------------------------------------------
+class TeacherRunner:
+    """The teacher in this process: uint8 images -> normalised tensor -> logits -> probabilities,
+    i.e. the same work the DeViT path does end to end, with ``threads`` torch threads."""
+
+    def __init__(self, bundle: Path) -> None:
+        from devit_mq.model import load_manifest, load_teacher
+
+        manifest = load_manifest(bundle)
+        self.model = load_teacher(bundle, manifest)
+        self.input = manifest.input
+        self.params_mb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
+
+    def predict(self, images: np.ndarray, threads: int) -> np.ndarray:
+        import torch
+
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            out = self.model(self.input.to_tensor(images))
+            if isinstance(out, tuple):  # a distilled (DeiT) teacher: average its two heads
+                out = (out[0] + out[1]) / 2
+            return out.softmax(-1).numpy()
+
+    def latency(self, images: np.ndarray, threads: int) -> list[float]:
+        out = []
+        for i in range(len(images)):
+            start = time.perf_counter()
+            self.predict(images[i: i + 1], threads)
+            out.append(time.perf_counter() - start)
+        return out
+
+    def throughput(self, images: np.ndarray, threads: int, batch: int) -> dict[str, float]:
+        usage, energy = process_usage(), rapl_energy_uj()
+        start = time.perf_counter()
+        for lo in range(0, len(images), batch):
+            self.predict(images[lo: lo + batch], threads)
+        elapsed = time.perf_counter() - start
+        return _rates(len(images), elapsed, process_usage()["cpu_s"] - usage["cpu_s"], energy)
+
+
+def _rates(n: int, elapsed: float, cpu_s: float, energy_start: int | None) -> dict[str, float]:
+    out = {"images": n, "elapsed_s": elapsed, "img_s": n / elapsed, "cpu_s_per_img": cpu_s / n}
+    energy_end = rapl_energy_uj()
+    if energy_start is not None and energy_end is not None and energy_end >= energy_start:
+        out["energy_j_per_img"] = (energy_end - energy_start) / 1e6 / n
+    return out
+
+
+def _best(throughput: dict[str, dict[str, float]]) -> tuple[str, float]:
+    key = max(throughput, key=lambda b: throughput[b]["img_s"])
+    return key, throughput[key]["img_s"]
+
+
+# -- the DeViT topology, seen from its client -------------------------------------------------------
+def _settled_status(client) -> dict:
+    time.sleep(STATUS_SETTLE_S)
+    return client.query_status()
+
+
+def _node_cpu(status: dict) -> dict[str, float]:
+    return {name: float(m.get("cpu_s", 0.0)) for name, m in status.get("nodes", {}).items()}
+
+
+def _devit_throughput(client, images: np.ndarray, batch: int, window: int) -> dict[str, Any]:
+    before = _node_cpu(_settled_status(client))
+    usage, energy = process_usage(), rapl_energy_uj()
+    start = time.perf_counter()
+    pred = client.predict(images, batch_size=batch, window=window)
+    elapsed = time.perf_counter() - start
+    client_cpu = process_usage()["cpu_s"] - usage["cpu_s"]
+    after = _node_cpu(_settled_status(client))
+    node_cpu = {n: after[n] - before.get(n, 0.0) for n in after}
+    node_cpu["client"] = client_cpu
+    out = _rates(len(images), elapsed, sum(node_cpu.values()), energy)
+    out.update(errors=len(pred.errors), degraded=pred.degraded, cpu_s_by_node=node_cpu)
+    return out
+
+
+def run_client_workload(client, teacher: TeacherRunner | None, image_shape: Sequence[int],
+                        plan: BenchPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """What the client of a ready DeViT topology measures (the same over ZeroMQ and MPI): batch-1
+    latency interleaved with the teacher's, stage timers, throughput per batch size, node telemetry."""
+    import torch
+
+    threads_before = torch.get_num_threads()  # the teacher changes them; the caller gets its own back
+    try:
+        return _client_workload(client, teacher, image_shape, plan, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequence[int], plan: BenchPlan,
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    n_img = max(plan.latency_requests, plan.throughput_images, plan.teacher_throughput_images)
+    images = bench_images(n_img, image_shape, plan.seed)
+    client.predict(images[:2], batch_size=1, window=1)  # warm the path (sockets, codec kernels)
+    if teacher is not None:
+        for t in plan.teacher_threads:
+            teacher.latency(images[:2], t)
+    answers, teacher_lat = [], {t: [] for t in plan.teacher_threads}
+    chunks = np.array_split(np.arange(plan.latency_requests), max(1, plan.rounds))
+    for r, idx in enumerate(chunks):
+        answers += client.predict(images[idx], batch_size=1, window=1).answers
+        if teacher is not None:
+            for t in plan.teacher_threads:
+                teacher_lat[t] += teacher.latency(images[idx], t)
+        log(f"  latency round {r + 1}/{len(chunks)} done")
+    ok = [a for a in answers if a.ok]
+    lat_ms = [a.latency_s * 1e3 for a in ok]
+    compute = [a.stages.get("edge_compute_ms", 0.0) for a in ok]
+    overhead = [lat - c for lat, c in zip(lat_ms, compute, strict=True)]
+    result: dict[str, Any] = {
+        "latency_ms": percentiles(lat_ms, (50, 90, 99)),
+        "edge_compute_ms": percentiles(compute),
+        "overhead_ms": percentiles(overhead),
+        "overhead_pct": percentiles([100 * o / lat for o, lat in zip(overhead, lat_ms, strict=True) if lat > 0]),
+        "stages_ms": {k: percentiles([a.stages.get(k, 0.0) for a in ok])
+                      for k in ("edge_compute_ms", "edge_queue_ms", "fuse_ms", "hold_ms")},
+        "latency_errors": len(answers) - len(ok), "latency_degraded": sum(a.degraded for a in ok),
+    }
+    result["throughput"] = {}
+    for b in plan.batch_sizes:
+        result["throughput"][str(b)] = _devit_throughput(client, _tile(images, plan.throughput_images), b,
+                                                         plan.window)
+        log(f"  DeViT batch {b}: {result['throughput'][str(b)]['img_s']:.1f} img/s")
+    result["best_batch"], result["best_img_s"] = _best(result["throughput"])
+    status = _settled_status(client)
+    result["nodes"] = {name: {k: m.get(k) for k in ("cpu_s", "rss_mb", "peak_rss_mb")}
+                       for name, m in status.get("nodes", {}).items()}
+    result["nodes"]["client"] = {**process_usage(), "peak_rss_mb": _peak_rss_mb()}
+    if teacher is not None:
+        result["teacher"] = {}
+        for t in plan.teacher_threads:
+            tp = {str(b): teacher.throughput(_tile(images, plan.teacher_throughput_images), t, b)
+                  for b in plan.teacher_batch_sizes}
+            best_b, best = _best(tp)
+            result["teacher"][str(t)] = {"latency_ms": percentiles([x * 1e3 for x in teacher_lat[t]], (50, 90, 99)),
+                                         "throughput": tp, "best_batch": best_b, "best_img_s": best}
+            log(f"  teacher {t} thread(s): p50 {result['teacher'][str(t)]['latency_ms']['p50']:.1f} ms, "
+                f"best {best:.1f} img/s")
+        result["teacher_params_mb"] = teacher.params_mb
+    return result
+
+
+def run_mpi_client(client, topology, config_path: str | Path) -> None:
+    """``devit-mq mpi TOPOLOGY --run bench --bench-config FILE`` on rank 0: run the workload that
+    ``devit-mq bench`` wrote into FILE and write the result where FILE says."""
+    config = json.loads(Path(config_path).read_text())
+    plan = BenchPlan.from_dict(config["plan"])
+    teacher = TeacherRunner(topology.bundle) if config.get("teacher", True) else None
+    result = run_client_workload(client, teacher, tuple(client.status["image_shape"]), plan,
+                                 log=lambda line: print(f"[mpi] {line}", flush=True))
+    Path(config["out"]).write_text(json.dumps(result))
+
+
+# -- topologies and phases --------------------------------------------------------------------------
+def derive_topologies(path: str | Path, bundle: Path, work_dir: Path) -> dict[str, Path]:
+    """The same nodes and settings as ``path`` with ``bundle``, once over ZeroMQ and once over MPI
+    (the missing variant gets loopback ports or a client rank), written to ``work_dir``."""
+    from devit_mq.topology import load_topology
+
+    from .transport_rates import _free_ports
+
+    base = load_topology(path, check_bundle=False).to_dict()
+    base["bundle"] = str(bundle.resolve())
+    out = {}
+    for transport in ("zmq", "mpi"):
+        data = json.loads(json.dumps(base))
+        data["transport"] = transport
+        servers = [data["aggregator"], *data["edges"]]
+        for node in servers + ([data["client"]] if "client" in data else []):
+            node.pop("rank", None)
+        if transport == "mpi":
+            data.pop("security", None)
+            for node in servers:
+                for key in ("host", "port", "ipc", "bind"):
+                    node.pop(key, None)
+            data.setdefault("client", {"name": "client"})
+        else:
+            data.pop("client", None)
+            if base["transport"] != "zmq":
+                for node, port in zip(servers, _free_ports(len(servers)), strict=True):
+                    node.update(host="127.0.0.1", port=port)
+        data["name"] = f"{base['name']}-{transport}"
+        target = work_dir / f"{data['name']}.yaml"
+        target.write_text(yaml.safe_dump(data, sort_keys=False))
+        load_topology(target)  # fail here, naming the file, rather than inside a node process
+        out[transport] = target
+    return out
+
+
+def _phase_zmq(topology_path: Path, teacher: TeacherRunner | None, plan: BenchPlan, log_dir: Path) -> dict:
+    from devit_mq.nodes.launcher import Launcher, LaunchError
+
+    try:
+        with Launcher(topology_path, log_dir=log_dir) as launcher:
+            result = run_client_workload(launcher.client, teacher, tuple(launcher.status["image_shape"]), plan)
+            result["processes"] = launcher.describe()
+    except LaunchError as exc:
+        raise BenchError(f"ZeroMQ phase: {exc}") from exc
+    return result
+
+
+def _phase_mpi(topology_path: Path, plan: BenchPlan, work_dir: Path, timeout_s: float) -> dict:
+    from devit_mq.nodes.cli import mpirun_command
+    from devit_mq.topology import load_topology
+
+    nodes = len(load_topology(topology_path).nodes)
+    out = work_dir / "mpi-result.json"
+    out.unlink(missing_ok=True)
+    config = work_dir / "mpi-config.json"
+    config.write_text(json.dumps({"plan": plan.to_dict(), "out": str(out.resolve())}))
+    cmd = mpirun_command(nodes) + [sys.executable, "-m", "devit_mq.cli", "mpi", str(topology_path), "--run", "bench",
+                                   "--bench-config", str(config)]
+    print("  running: " + " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"MPI phase did not finish within {timeout_s:g}s") from exc
+    if proc.returncode or not out.is_file():
+        raise BenchError(f"MPI phase failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    result["processes"] = f"mpirun -n {nodes}: client rank 0, aggregator, edges (1 thread each)"
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "loadavg": list(os.getloadavg()), "rapl": rapl_energy_uj() is not None}
+
+
+def speedups(result: dict[str, Any]) -> dict[str, Any]:
+    """Teacher / DeViT latency and DeViT / teacher throughput, each from one phase's own numbers."""
+    out = {}
+    for transport, phase in result["devit"].items():
+        if "teacher" not in phase:
+            continue
+        d_lat = phase["latency_ms"].get("p50", float("nan"))
+        for t, tr in phase["teacher"].items():
+            out[f"{transport} vs teacher {t}T"] = {
+                "latency_p50": tr["latency_ms"].get("p50", float("nan")) / d_lat,
+                "latency_p99": tr["latency_ms"].get("p99", float("nan")) / phase["latency_ms"].get("p99", float("nan")),
+                "throughput": phase["best_img_s"] / tr["best_img_s"],
+            }
+    return out
+
+
+def run_bench(topology: str | Path, plan: BenchPlan, work_dir: Path, shapes_name: str = "issue",
+              bundle: Path | None = None, transports: Sequence[str] = ("zmq", "mpi"),
+              rates: bool = True, mpi_timeout_s: float = 1200.0) -> dict[str, Any]:
+    """Every phase in order; returns the result dict (see :mod:`devit_mq.bench.report`)."""
+    from devit_mq.model import load_manifest
+    from devit_mq.topology import load_topology
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    n_edges = load_topology(topology, check_bundle=False).num_edges
+    result: dict[str, Any] = {"kind": "bench", "topology": str(topology), "plan": plan.to_dict(),
+                              "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if bundle is None:
+        shapes = shapes_named(shapes_name, n_edges)
+        print(f"bundle: {shapes.describe()}", flush=True)
+        bundle = ensure_bundle(work_dir / "bundles" / shapes.name, shapes, seed=plan.seed)
+        result["bundle"] = {"path": str(bundle), "shapes": shapes.describe(), "random_weights": True}
+    else:
+        meta = load_manifest(bundle).metadata
+        result["bundle"] = {"path": str(bundle), "random_weights": bool(meta.get("random_weights", False))}
+    paths = derive_topologies(topology, bundle, work_dir)
+    teacher = TeacherRunner(bundle)
+    result["devit"] = {}
+    for transport in transports:
+        print(f"== DeViT over {transport} (teacher interleaved in the client process) ==", flush=True)
+        if transport == "zmq":
+            result["devit"]["zmq"] = _phase_zmq(paths["zmq"], teacher, plan, work_dir / "logs-zmq")
+        else:
+            result["devit"]["mpi"] = _phase_mpi(paths["mpi"], plan, work_dir, mpi_timeout_s)
+    result["speedup"] = speedups(result)
+    if rates:
+        from .transport_rates import measure_mpi, measure_zmq
+
+        print("== transport efficiency: our path vs raw pyzmq / mpi4py ==", flush=True)
+        result["transport"] = {}
+        kwargs = {"n_features": plan.rate_features, "n_images": plan.rate_images, "repeats": plan.rate_repeats}
+        if "zmq" in transports:
+            result["transport"]["zmq"] = measure_zmq(**kwargs)
+        if "mpi" in transports:
+            result["transport"]["mpi"] = measure_mpi(**kwargs)
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["elapsed_s"] = time.time() - started
+    result["targets"] = report.bench_targets(result)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="devit-mq bench", description=(
+        "Monolithic teacher vs the DeViT topology over ZeroMQ and MPI, on the same images in one run: "
+        "latency, throughput, framework overhead, transport efficiency, CPU/RSS/energy."))
+    p.add_argument("topology", help="topology YAML (its nodes and settings; the bench derives the ZeroMQ and "
+                                    "MPI variants)")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (well under a minute on tiny shapes)")
+    p.add_argument("--shapes", choices=SHAPES, default="issue",
+                   help="random-weight bundle shapes: 'issue' = ViT-S/16 teacher vs N sub-models splitting its "
+                        "width (N=2: ViT-Ti/16), 224x224; 'tiny' = seconds-fast shapes")
+    p.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle instead (needs a teacher)")
+    p.add_argument("--transports", default="zmq,mpi", help="comma-separated subset of zmq,mpi")
+    p.add_argument("--no-rates", action="store_true", help="skip the transport-efficiency comparison")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench"),
+                   help="bundles cache, derived topologies and node logs")
+    p.add_argument("--json", type=Path, default=None, help="write the result here (default WORK_DIR/bench.json)")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib: pip install '.[plot]')")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    unknown = sorted(set(transports) - {"zmq", "mpi"})
+    if unknown or not transports:
+        print(f"devit-mq bench: error: --transports takes zmq and/or mpi, got {args.transports!r}", file=sys.stderr)
+        return 2
+    plan = dataclasses.replace(QUICK if args.quick else BenchPlan(), seed=args.seed)
+    from devit_mq.model import BundleError
+    from devit_mq.topology import TopologyError
+
+    from .transport_rates import RateError
+
+    try:
+        result = run_bench(args.topology, plan, args.work_dir, args.shapes, args.bundle, transports,
+                           rates=not args.no_rates)
+    except (BenchError, RateError, TopologyError, BundleError, OSError) as exc:
+        print(f"devit-mq bench: error: {exc}", file=sys.stderr)
+        return 2
+    result["command"] = "devit-mq bench " + " ".join(argv)
+    json_path = args.json or args.work_dir / "bench.json"
+    report.write_json(json_path, result)
+    print(report.bench_markdown(result))
+    print(f"\nJSON: {json_path}")
+    if args.plot:
+        print(report.try_plot(report.plot_bench, result, args.plot))
+    return 0
+
+
+__all__ = ["QUICK", "BenchError", "BenchPlan", "TeacherRunner", "bench_images", "derive_topologies", "main",
+           "run_bench", "run_client_workload", "run_mpi_client", "speedups"]

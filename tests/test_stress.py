@@ -1,0 +1,147 @@
+"""Stress runs against real node processes: every request id answered exactly once, under plain load
+and under injected faults (drops, delays, duplicates, corrupted frames, an edge killed and restarted);
+plus the accounting, fault-spec and report pieces on their own. No timing is asserted."""
+
+import json
+
+import pytest
+
+from devit_mq.bench import report
+from devit_mq.bench.faults import FaultSpec, FaultSpecError, LinkFaults
+from devit_mq.bench.stress import Ledger, StressConfig, StressError, main, rss_summary, run_stress
+from devit_mq.nodes import Answer
+from devit_mq.transport import InprocHub, InprocTransport
+
+from .runtime_helpers import make_bundle, write_topology
+
+
+@pytest.fixture
+def topology(tmp_path):
+    return write_topology(tmp_path / "t.yaml", make_bundle(tmp_path / "bundle"), deadline_ms=400)
+
+
+def check_well_formed(result, path):
+    """The JSON a run writes reads back with every section the report needs."""
+    data = json.loads(report.write_json(path, result).read_text())
+    for key in ("config", "summary", "windows", "rss", "targets", "node_counters"):
+        assert key in data, key
+    assert data["windows"] and all(w["t1"] > w["t0"] for w in data["windows"])
+    assert {t["name"] for t in data["targets"]} >= {"lost requests (no answer at all)",
+                                                  "duplicate answers (an id answered twice)"}
+    assert "| requests |" in report.stress_markdown(result)
+    return data
+
+
+@pytest.mark.timeout(120)
+def test_open_loop_answers_every_request_exactly_once(topology, tmp_path):
+    cfg = StressConfig(duration=3.0, rate=30.0, window_s=1.0)
+    result = run_stress(topology, cfg, launch=True, log_dir=tmp_path / "logs")
+    s = result["summary"]
+    assert s["submitted"] == 90  # open loop: one request per 1/rate, however the system behaves
+    assert s["lost"] == 0 and s["duplicates"] == 0 and s["unexpected_answers"] == 0
+    assert s["answered"] == s["submitted"] == s["ok"] + s["degraded"] + s["errors"]
+    assert all(result["alive"].values())
+    assert set(result["rss"]) >= {"aggregator", "edge0", "edge1"}
+    assert set(result["standalone"]) == {"edge0", "edge1"} and s["standalone_img_s"] > 0
+    data = check_well_formed(result, tmp_path / "stress.json")
+    assert len(data["windows"]) == 3
+
+
+@pytest.mark.timeout(120)
+def test_faults_and_a_killed_edge_lose_no_request(topology, tmp_path):
+    """Faults on every link of edge0 (client -> edge0 images, edge0 -> aggregator features) and edge0
+    killed and restarted mid-run: edge1 stays clean, so the aggregator hears of every request and
+    must answer each one exactly once (degraded where edge0's part is missing)."""
+    spec = "drop=0.1,delay_ms=2,jitter_ms=4,duplicate=0.1,corrupt=0.1"
+    cfg = StressConfig(duration=5.0, rate=30.0, window_s=1.0, timeout_s=8.0, standalone=False,
+                       client_faults=FaultSpec.parse(spec + ",peers=edge0"), edge_faults=FaultSpec.parse(spec),
+                       faulty_edges=("edge0",), kill_edge="edge0", kill_at_s=1.5, restart_after_s=1.5)
+    result = run_stress(topology, cfg, launch=True, log_dir=tmp_path / "logs")
+    s = result["summary"]
+    assert s["submitted"] == 150
+    assert s["lost"] == 0 and s["duplicates"] == 0, s
+    assert s["answered"] == s["submitted"]
+    assert s["degraded"] > 0  # the faults and the dead edge did bite
+    faults = result["client_fault_stats"]
+    assert faults["dropped"] > 0 and faults["duplicated"] > 0 and faults["corrupted"] > 0
+    assert [e["event"] for e in result["events"] if e["event"] != "status_missed"] == ["killed", "restarted"]
+    assert all(result["alive"].values()), result["alive"]  # aggregator and edge1 survived, edge0 came back
+    check_well_formed(result, tmp_path / "faults.json")
+
+
+@pytest.mark.timeout(120)
+def test_closed_loop_cli_writes_json(topology, tmp_path):
+    out = tmp_path / "closed.json"
+    code = main([str(topology), "--launch", "--clients", "3", "--duration", "2", "--window", "1",
+                 "--no-standalone", "--json", str(out), "--log-dir", str(tmp_path / "logs")])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["summary"]["lost"] == 0 and data["summary"]["duplicates"] == 0
+    assert data["summary"]["submitted"] >= 3 and data["config"]["clients"] == 3
+
+
+def test_cli_rejects_bad_arguments(topology, capsys):
+    assert main([str(topology), "--rate", "5", "--duration", "1", "--kill-edge", "edge0@1"]) == 2
+    assert "--launch" in capsys.readouterr().err
+    assert main([str(topology), "--rate", "5", "--duration", "1", "--client-faults", "drop=2"]) == 2
+    assert "probability" in capsys.readouterr().err
+    with pytest.raises(StressError, match="exactly one"):
+        StressConfig(duration=1.0, rate=1.0, clients=2)
+
+
+# -- pieces -------------------------------------------------------------------------------------------
+def test_fault_spec_parse():
+    spec = FaultSpec.parse("drop=0.1, delay_ms=5,jitter_ms=2,duplicate=0.2,corrupt=0.05,peers=edge0+edge1")
+    assert (spec.drop, spec.delay_ms, spec.jitter_ms, spec.duplicate, spec.corrupt) == (0.1, 5, 2, 0.2, 0.05)
+    assert spec.peers == ("edge0", "edge1")
+    assert FaultSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    for bad, match in (("drop", "KEY=VALUE"), ("lose=0.1", "KEY=VALUE"), ("drop=x", "not a number"),
+                       ("corrupt=1.5", "probability"), ("delay_ms=-1", ">= 0")):
+        with pytest.raises(FaultSpecError, match=match):
+            FaultSpec.parse(bad)
+
+
+def test_delayed_message_onto_a_dead_link_is_dropped_not_raised():
+    hub = InprocHub()
+    sender = LinkFaults(InprocTransport(hub, "a"), delay_s=0.01)
+    peer = InprocTransport(hub, "b")
+    sender.send("b", [b"x"])
+    peer.close()  # the link goes down with the message in flight
+    assert sender.recv(0.1) is None
+    assert sender.stats["lost_delayed"] == 1
+
+
+def test_ledger_counts_lost_duplicate_unexpected_and_timeouts():
+    ledger = Ledger(active=True)
+    ledger.submit("c", [1, 2, 3, 4], ledger.t0)
+    ledger.tap("c", [1, 2, 2, 99])  # 2 answered twice by the system, 99 never sent
+    ledger.record("c", [Answer(1, label=0), Answer(2, label=1, degraded=True),
+                        Answer(3, error="timeout: no answer within 1s")])
+    ledger.record("c", [Answer(2, label=1)])  # the client would never give it twice; the ledger ignores it
+    s = ledger.summary(load_s=1.0)
+    assert (s["submitted"], s["answered"], s["ok"], s["degraded"], s["timeouts"]) == (4, 2, 1, 1, 1)
+    assert s["lost"] == 2  # 3 timed out, 4 never answered
+    assert s["duplicates"] == 1 and s["unexpected_answers"] == 1
+    assert sum(w["answered"] for w in ledger.windows(0.5, 1.0)) == 2
+
+
+def test_rss_summary_growth_skips_warmup_and_restarted_nodes():
+    samples = {"agg": [(0.0, 50.0), (5.0, 100.0), (10.0, 110.0)], "edge0": [(0.0, 10.0), (10.0, 20.0)]}
+    out = rss_summary(samples, warmup_s=5.0, restarted=["edge0"])
+    assert out["agg"]["first_mb"] == 100.0 and out["agg"]["growth_pct"] == pytest.approx(10.0)
+    assert out["agg"]["max_mb"] == 110.0
+    assert out["edge0"]["growth_pct"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_long_closed_loop_stress_with_faults(topology, tmp_path):
+    spec = "drop=0.05,delay_ms=2,jitter_ms=5,duplicate=0.05,corrupt=0.05"
+    cfg = StressConfig(duration=120.0, clients=4, window_s=10.0, client_faults=FaultSpec.parse(spec + ",peers=edge0"),
+                       edge_faults=FaultSpec.parse(spec), faulty_edges=("edge0",), kill_edge="edge0",
+                       kill_at_s=40.0, restart_after_s=20.0)
+    result = run_stress(topology, cfg, launch=True, log_dir=tmp_path / "logs")
+    s = result["summary"]
+    assert s["lost"] == 0 and s["duplicates"] == 0 and s["answered"] == s["submitted"]
+    assert all(result["alive"].values())
+    check_well_formed(result, tmp_path / "long.json")
