@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numba
 import pytest
 import torch
@@ -87,6 +90,21 @@ def test_numba_backend_follows_torch_thread_count():
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.timeout(60)
+def test_numba_backend_leaves_torch_thread_count_alone():
+    # a fresh process: Numba's thread pool starts once per process, and starting it used to reset
+    # torch's (OpenMP) thread count to all cores
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from devit_mq.model import get_backend\n"
+        "get_backend('numba')(torch.randn(2, 5, 12), 2)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "1"
 
 
 def test_training_with_numba_backend_falls_back_to_torch_for_gradients():

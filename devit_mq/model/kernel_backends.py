@@ -19,6 +19,19 @@ from .attention import mark_unavailable, register_backend
 __all__ = ["cuda_attention", "numba_attention", "sync_numba_threads"]
 
 
+def _launch_numba_threads_keeping_torch_threads() -> None:
+    """Start Numba's thread pool now, without letting it change torch's thread count.
+
+    With the OpenMP threading layer (shared with torch's libgomp), starting Numba's pool resets the
+    calling thread's OpenMP thread count to ``NUMBA_NUM_THREADS``, which torch reads back as its own
+    thread count: an edge pinned to one thread would silently run torch on all cores after its first
+    attention call (and, on a loaded machine, every torch op would wait for a second thread)."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # launches the pool (once per process)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def sync_numba_threads() -> int:
     """Give the kernel as many threads as torch has (capped by Numba's pool); returns the count.
 
@@ -82,6 +95,7 @@ def _cuda_unavailable_reason() -> str | None:
     return None
 
 
+_launch_numba_threads_keeping_torch_threads()
 register_backend("numba", numba_attention)
 _reason = _cuda_unavailable_reason()
 if _reason is None:
