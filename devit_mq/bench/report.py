@@ -137,14 +137,19 @@ def bench_markdown(result: dict[str, Any]) -> str:
         for transport, rates in result["transport"].items():
             for case, e in rates["cases"].items():
                 rows.append([transport, case, e["message_bytes"], fmt(e["ours_msgs_s"], 0), fmt(e["raw_msgs_s"], 0),
-                             f"{e['ratio']:.2f}x"])
+                             f"{e['ratio']:.2f}x", fmt(e.get("encode_us"), 1), fmt(e.get("decode_us"), 1),
+                             fmt(1e6 / e["raw_msgs_s"] if e["raw_msgs_s"] else None, 1)])
         out += ["### Transport efficiency: wire encode + Transport.send -> recv + decode vs raw library, same bytes",
-                "", table(["transport", "message", "bytes", "ours msgs/s", "raw msgs/s", "ours/raw"], rows), ""]
+                "", table(["transport", "message", "bytes", "ours msgs/s", "raw msgs/s", "ours/raw", "encode us",
+                           "decode us", "raw us/msg"], rows),
+                "", "encode/decode: in-process cost per message, which the raw path does not pay; raw us/msg = "
+                    "1 / raw rate.", ""]
     rows = []
     for transport, phase in result["devit"].items():
         for node, u in sorted(phase.get("nodes", {}).items()):
             tp = phase["throughput"][phase["best_batch"]]
-            rows.append([transport, node, fmt(u.get("cpu_s"), 2), fmt(tp.get("cpu_s_by_node", {}).get(node), 3),
+            label = "client (+ the interleaved teacher)" if node == "client" and phase.get("teacher") else node
+            rows.append([transport, label, fmt(u.get("cpu_s"), 2), fmt(tp.get("cpu_s_by_node", {}).get(node), 3),
                          fmt(u.get("peak_rss_mb"), 0)])
     out += ["### Per-node resources (CPU seconds over the process's life and during the best-batch run; peak RSS)",
             "", table(["transport", "node", "CPU s (process life)", "CPU s (best-batch run)", "peak RSS MB"], rows), ""]
@@ -181,13 +186,21 @@ def stress_markdown(result: dict[str, Any]) -> str:
     s, cfg = result["summary"], result["config"]
     mode = f"open loop at {cfg['rate']:g} req/s" if cfg.get("rate") else f"closed loop, {cfg['clients']} clients"
     out = [f"## devit-mq stress: {result['topology']} ({mode}, {cfg['duration']:g} s)", ""]
+    if result.get("bundle"):
+        out += [f"Bundle: {result['bundle']}", ""]
+    m = result.get("machine", {})
+    if m.get("loadavg"):
+        out += [f"Machine: {m.get('cpu_count')} cores; load average at start "
+                f"{', '.join(f'{x:.2f}' for x in m['loadavg'])}"
+                + (f", at end {', '.join(f'{x:.2f}' for x in m['loadavg_end'])}" if m.get("loadavg_end") else "")
+                + ".", ""]
     if result.get("faults"):
         out += [f"Faults: {json.dumps(result['faults'])}", ""]
     out += [table(["requests", "answered", "ok", "degraded", "errors", "client timeouts", "lost", "duplicates",
                    "unexpected", "throughput req/s", "p50 ms", "p99 ms"],
                   [[s["submitted"], s["answered"], s["ok"], s["degraded"], s["errors"], s["timeouts"], s["lost"],
                     s["duplicates"], s["unexpected_answers"], fmt(s["throughput"]), fmt(s["latency_ms"].get("p50")),
-                    fmt(s["latency_ms"].get("p99"))]]),
+                    fmt(s["latency_ms"].get("p99"))]]), "",
             "lost = no answer from the system (client-side timeouts + never answered); unexpected = answers for "
             "ids this run never sent (a corrupted header).", ""]
     if result.get("events"):

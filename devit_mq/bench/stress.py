@@ -42,6 +42,7 @@ from devit_mq.transport import Transport
 from devit_mq.wire import Kind, WireError, decode
 
 from . import report
+from .bundles import SHAPES
 from .faults import FaultLauncher, FaultSpec, FaultSpecError
 
 
@@ -432,6 +433,19 @@ def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = Fals
             launcher.stop()
 
 
+def shaped_topology(topology: str | Path, shapes_name: str, work_dir: Path, seed: int = 0) -> tuple[Path, str]:
+    """The ZeroMQ variant of ``topology`` on a random-weight bundle of ``shapes_name`` (cached)."""
+    from devit_mq.topology import load_topology
+
+    from .bundles import ensure_bundle, shapes_named
+    from .runtime import derive_topologies
+
+    shapes = shapes_named(shapes_name, load_topology(topology, check_bundle=False).num_edges)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    bundle = ensure_bundle(work_dir / "bundles" / shapes.name, shapes, seed=seed)
+    return derive_topologies(topology, bundle, work_dir)["zmq"], shapes.describe()
+
+
 def _kill_spec(text: str | None) -> tuple[str | None, float | None]:
     if not text:
         return None, None
@@ -466,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-edge", default=None, metavar="NAME@SECONDS", help="SIGKILL an edge mid-run (--launch)")
     p.add_argument("--restart-after", type=float, default=None, help="restart the killed edge after this many s")
     p.add_argument("--no-standalone", action="store_true", help="skip timing the edges' sub-models standalone")
+    p.add_argument("--shapes", choices=SHAPES, default=None,
+                   help="with --launch: run the topology's nodes on a random-weight bundle of these shapes (as "
+                        "'devit-mq bench' does: 'issue' = ViT-Ti/16-sized edges at 224x224) instead of its bundle")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="bundle cache for --shapes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", type=Path, default=None, help="node logs with --launch")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON")
@@ -494,7 +512,14 @@ def main(argv: list[str]) -> int:
             faulty_edges=tuple(n for n in args.faulty_edges.split(",") if n) if args.faulty_edges else None,
             kill_edge=kill_edge, kill_at_s=kill_at if kill_at is not None else (args.duration / 3 if kill_edge else None),
             restart_after_s=args.restart_after)
-        result = run_stress(args.topology, cfg, launch=args.launch, log_dir=args.log_dir)
+        topology_path, bundle_note = args.topology, None
+        if args.shapes:
+            if not args.launch:
+                raise StressError("--shapes needs --launch (the nodes must be started on the built bundle)")
+            topology_path, bundle_note = shaped_topology(args.topology, args.shapes, args.work_dir, args.seed)
+        result = run_stress(topology_path, cfg, launch=args.launch, log_dir=args.log_dir)
+        if bundle_note:
+            result["bundle"] = bundle_note
     except (StressError, FaultSpecError, TopologyError, ClientError, LaunchError, OSError) as exc:
         print(f"devit-mq stress: error: {exc}", file=sys.stderr)
         return 2

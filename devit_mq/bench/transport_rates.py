@@ -82,12 +82,31 @@ def schedule(cases: Sequence[RateCase], n_features: int, n_images: int, repeats:
     return rounds
 
 
+def codec_cost_us(case: RateCase, calls: int = 200, samples: int = 7) -> dict[str, float]:
+    """Median in-process cost of ``encode`` and ``decode`` of the case's message (after a warm-up):
+    the part of our path that the raw baseline does not do, to explain the ratio."""
+    msg, limits = case.message(), Limits()
+    frames = encode(msg)
+    decode(frames, limits)  # first call may compile codec kernels
+    out = {}
+    for name, fn in (("encode_us", lambda: encode(msg)), ("decode_us", lambda: decode(frames, limits))):
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls * 1e6)
+        out[name] = statistics.median(times)
+    return out
+
+
 def summarize(cases: Sequence[RateCase], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median messages/s per case and path, and ours/raw."""
+    """Median messages/s per case and path, ours/raw, and the codec's share of our per-message cost."""
     out = {}
     for case in cases:
         frames = encode(case.message())
-        entry: dict[str, Any] = {"payload_bytes": case.payload_bytes, "message_bytes": sum(len(f) for f in frames)}
+        entry: dict[str, Any] = {"payload_bytes": case.payload_bytes, "message_bytes": sum(len(f) for f in frames),
+                                 **codec_cost_us(case)}
         for path in ("ours", "raw"):
             rates = [r["msgs_s"] for r in runs if r["case"] == case.name and r["path"] == path]
             entry[f"{path}_msgs_s"] = statistics.median(rates) if rates else float("nan")
