@@ -87,7 +87,8 @@ def _kernel(block_q: int, block_k: int, max_hd: int) -> Any:
                        k_tile, v_tile, tid, block_q)
             cuda.syncthreads()
             if valid:  # no early return: every thread must reach both barriers
-                n_keys = min(block_k, n_tokens - key0)
+                # (not min(): Numba's CUDA target cannot compile the builtin's *args overload)
+                n_keys = n_tokens - key0 if n_tokens - key0 < block_k else block_k
                 row_max, row_sum = _tile_update(q, k_tile, v_tile, n_keys, head_dim, row_max, row_sum,
                                                 acc, scores)
             cuda.syncthreads()  # the tile is overwritten next round
