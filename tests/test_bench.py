@@ -70,9 +70,22 @@ def test_bench_quick_mpi_phase_runs_under_mpirun(topology, tmp_path):
     assert all(positive(c["ratio"]) for c in data["transport"]["mpi"]["cases"].values())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_edges_sweep(topology, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main([str(topology), "--quick", "--shapes", "tiny", "--transports", "zmq", "--no-rates",
+                 "--edges-sweep", "1,3", "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["edges_sweep"]
+    assert [r["edges"] for r in rows] == [1, 3]
+    assert all(positive(r["best_img_s"]) and positive(r["latency_ms"]["p50"]) for r in rows)
+
+
 def test_bench_rejects_unknown_transport(topology, capsys):
     assert main([str(topology), "--transports", "tcp"]) == 2
     assert "--transports" in capsys.readouterr().err
+    assert main([str(topology), "--edges-sweep", "1,two"]) == 2
+    assert "--edges-sweep" in capsys.readouterr().err
 
 
 def test_derived_topologies_keep_nodes_and_settings(topology, tmp_path):

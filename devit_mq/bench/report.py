@@ -153,6 +153,13 @@ def bench_markdown(result: dict[str, Any]) -> str:
                          fmt(u.get("peak_rss_mb"), 0)])
     out += ["### Per-node resources (CPU seconds over the process's life and during the best-batch run; peak RSS)",
             "", table(["transport", "node", "CPU s (process life)", "CPU s (best-batch run)", "peak RSS MB"], rows), ""]
+    if result.get("edges_sweep"):
+        rows = [[r["edges"], r["width"], fmt(r["latency_ms"].get("p50")), fmt(r["latency_ms"].get("p99")),
+                 fmt(r["edge_compute_ms"].get("p50")), fmt(r["overhead_ms"].get("p50"), 2), r["best_batch"],
+                 fmt(r["best_img_s"])] for r in result["edges_sweep"]]
+        out += ["### DeViT over ZeroMQ vs number of edges (the teacher's width split N ways, 1 thread per edge)", "",
+                table(["edges", "sub-model width", "p50 ms", "p99 ms", "slowest edge compute ms", "overhead ms",
+                       "best batch", "img/s"], rows), ""]
     if result.get("targets"):
         out += ["### Targets", "", table(["target", "goal", "measured", "verdict"], _target_rows(result["targets"])), ""]
     return "\n".join(out)
@@ -224,7 +231,44 @@ def stress_markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def sweep_markdown(result: dict[str, Any]) -> str:
+    rows = [[fmt(r["offered"]), fmt(r["achieved"]), fmt(r["latency_ms"].get("p50")), fmt(r["latency_ms"].get("p90")),
+             fmt(r["latency_ms"].get("p99")), r["degraded"], r["errors"], r["lost"], r["duplicates"]]
+            for r in result["sweep"]]
+    out = [f"## devit-mq stress: {result['topology']}, latency vs offered load (open loop)", ""]
+    if result.get("bundle"):
+        out += [f"Bundle: {result['bundle']}", ""]
+    if result.get("standalone"):
+        out += ["Edges standalone (img/s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["standalone"].items()), ""]
+    out += [table(["offered req/s", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "degraded", "errors", "lost",
+                   "duplicates"], rows), ""]
+    return "\n".join(out)
+
+
 # -- plots ----------------------------------------------------------------------------------------
+def plot_sweep(result: dict[str, Any], path: Path) -> Path:
+    """Latency percentiles and achieved throughput vs offered load."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    offered = [r["offered"] for r in result["sweep"]]
+    for q in ("p50", "p90", "p99"):
+        ax.plot(offered, [r["latency_ms"].get(q, float("nan")) for r in result["sweep"]], "o-", label=f"latency {q}")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    twin = ax.twinx()
+    twin.plot(offered, [r["achieved"] for r in result["sweep"]], "k:", marker="x", label="achieved req/s")
+    twin.set_ylabel("achieved (requests/s)")
+    ax.legend(loc="upper left", fontsize=7)
+    twin.legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"devit-mq stress: {Path(result['topology']).name}, latency vs offered load")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def try_plot(plot: Callable[[dict[str, Any], Path], Path], result: dict[str, Any], path: str | Path) -> str:
     """Run a plot function; without matplotlib (an optional extra) say how to get it instead."""
     try:
@@ -246,7 +290,9 @@ def _pyplot():
 def plot_bench(result: dict[str, Any], path: Path) -> Path:
     """Latency and throughput per way, and throughput vs batch size."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sweep = result.get("edges_sweep")
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(18 if sweep else 12, 4.5))
+    ax1, ax2 = axes[0], axes[1]
     labels, p50, p99 = [], [], []
     for transport, phase in result["devit"].items():
         for t, tr in phase.get("teacher", {}).items():
@@ -272,6 +318,19 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
     ax2.set_xlabel("batch size")
     ax2.set_ylabel("throughput (images/s)")
     ax2.legend(fontsize=7)
+    if sweep:
+        ax3 = axes[2]
+        ns = [r["edges"] for r in sweep]
+        ax3.plot(ns, [r["best_img_s"] for r in sweep], "o-", label="throughput (best batch)")
+        ax3.set_xlabel("number of edges (width split N ways)")
+        ax3.set_ylabel("throughput (images/s)")
+        ax3.set_xticks(ns)
+        lat = ax3.twinx()
+        lat.plot(ns, [r["latency_ms"].get("p50", float("nan")) for r in sweep], "s--", color="tab:red",
+                 label="batch-1 latency p50")
+        lat.set_ylabel("latency p50 (ms)")
+        ax3.legend(loc="upper left", fontsize=7)
+        lat.legend(loc="upper right", fontsize=7)
     fig.suptitle(f"devit-mq bench: {Path(result['topology']).name}"
                  + (" (random weights)" if result.get("bundle", {}).get("random_weights") else ""))
     fig.tight_layout()

@@ -282,6 +282,58 @@ def derive_topologies(path: str | Path, bundle: Path, work_dir: Path) -> dict[st
     return out
 
 
+def n_edge_topology(path: str | Path, num_edges: int, bundle: Path, work_dir: Path) -> Path:
+    """A ZeroMQ topology like ``path`` (its codec, limits, defaults, aggregator settings, first edge's
+    settings) but with ``num_edges`` edges on fresh loopback ports, written to ``work_dir``."""
+    from devit_mq.topology import load_topology
+
+    from .transport_rates import _free_ports
+
+    data = load_topology(path, check_bundle=False).to_dict()
+    template = {k: v for k, v in data["edges"][0].items()
+                if k not in ("name", "submodel", "rank", "host", "port", "ipc", "bind", "embed_dim")}
+    ports = _free_ports(num_edges + 1)
+    data.update(transport="zmq", bundle=str(bundle.resolve()), name=f"{data['name']}-{num_edges}edge")
+    data.pop("client", None)
+    data.pop("security", None)
+    for key in ("rank", "ipc", "bind"):
+        data["aggregator"].pop(key, None)
+    data["aggregator"].update(host="127.0.0.1", port=ports[0])
+    data["edges"] = [{"name": f"edge{i}", "submodel": i, **template, "host": "127.0.0.1", "port": ports[i + 1]}
+                     for i in range(num_edges)]
+    target = work_dir / f"{data['name']}.yaml"
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_topology(target)
+    return target
+
+
+def sweep_edges(topology: str | Path, counts: Sequence[int], plan: BenchPlan, work_dir: Path,
+                shapes_name: str = "issue") -> list[dict[str, Any]]:
+    """DeViT over ZeroMQ with N = each of ``counts`` edges, the teacher's width split N ways (N=1 is
+    the whole ViT-S behind the framework): batch-1 latency and best throughput per N."""
+    from devit_mq.nodes.launcher import Launcher, LaunchError
+
+    small = dataclasses.replace(plan, latency_requests=min(plan.latency_requests, 20), rounds=1,
+                                throughput_images=min(plan.throughput_images, 32),
+                                batch_sizes=tuple(b for b in plan.batch_sizes if b in (1, 8)) or plan.batch_sizes[:1])
+    rows = []
+    for n in counts:
+        shapes = shapes_named(shapes_name, n)
+        print(f"== edges sweep: N={n} ({shapes.describe()}) ==", flush=True)
+        bundle = ensure_bundle(work_dir / "bundles" / shapes.name, shapes, seed=plan.seed)
+        path = n_edge_topology(topology, n, bundle, work_dir)
+        try:
+            with Launcher(path, log_dir=work_dir / f"logs-sweep-{n}") as launcher:
+                res = run_client_workload(launcher.client, None, tuple(launcher.status["image_shape"]), small)
+        except LaunchError as exc:
+            raise BenchError(f"edges sweep N={n}: {exc}") from exc
+        rows.append({"edges": n, "width": shapes.submodels[0].embed_dim, "latency_ms": res["latency_ms"],
+                     "edge_compute_ms": res["edge_compute_ms"], "overhead_ms": res["overhead_ms"],
+                     "best_batch": res["best_batch"], "best_img_s": res["best_img_s"],
+                     "throughput": {b: t["img_s"] for b, t in res["throughput"].items()}})
+    return rows
+
+
 def _phase_zmq(topology_path: Path, teacher: TeacherRunner | None, plan: BenchPlan, log_dir: Path) -> dict:
     from devit_mq.nodes.launcher import Launcher, LaunchError
 
@@ -343,7 +395,8 @@ def speedups(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_bench(topology: str | Path, plan: BenchPlan, work_dir: Path, shapes_name: str = "issue",
               bundle: Path | None = None, transports: Sequence[str] = ("zmq", "mpi"),
-              rates: bool = True, mpi_timeout_s: float = 1200.0) -> dict[str, Any]:
+              rates: bool = True, mpi_timeout_s: float = 1200.0,
+              edges_sweep: Sequence[int] = ()) -> dict[str, Any]:
     """Every phase in order; returns the result dict (see :mod:`devit_mq.bench.report`)."""
     from devit_mq.model import load_manifest
     from devit_mq.topology import load_topology
@@ -381,6 +434,8 @@ def run_bench(topology: str | Path, plan: BenchPlan, work_dir: Path, shapes_name
             result["transport"]["zmq"] = measure_zmq(**kwargs)
         if "mpi" in transports:
             result["transport"]["mpi"] = measure_mpi(**kwargs)
+    if edges_sweep:
+        result["edges_sweep"] = sweep_edges(topology, edges_sweep, plan, work_dir, shapes_name)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["elapsed_s"] = time.time() - started
     result["targets"] = report.bench_targets(result)
@@ -400,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle instead (needs a teacher)")
     p.add_argument("--transports", default="zmq,mpi", help="comma-separated subset of zmq,mpi")
     p.add_argument("--no-rates", action="store_true", help="skip the transport-efficiency comparison")
+    p.add_argument("--edges-sweep", default="", metavar="N,N,...",
+                   help="also run DeViT over ZeroMQ with each number of edges (the teacher's width split N "
+                        "ways; random weights), e.g. 1,2,4: throughput and latency vs number of edges")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench"),
                    help="bundles cache, derived topologies and node logs")
     p.add_argument("--json", type=Path, default=None, help="write the result here (default WORK_DIR/bench.json)")
@@ -416,6 +474,11 @@ def main(argv: list[str]) -> int:
         print(f"devit-mq bench: error: --transports takes zmq and/or mpi, got {args.transports!r}", file=sys.stderr)
         return 2
     plan = dataclasses.replace(QUICK if args.quick else BenchPlan(), seed=args.seed)
+    try:
+        sweep = [int(n) for n in args.edges_sweep.split(",") if n.strip()]
+    except ValueError:
+        print(f"devit-mq bench: error: --edges-sweep takes integers, got {args.edges_sweep!r}", file=sys.stderr)
+        return 2
     from devit_mq.model import BundleError
     from devit_mq.topology import TopologyError
 
@@ -423,8 +486,8 @@ def main(argv: list[str]) -> int:
 
     try:
         result = run_bench(args.topology, plan, args.work_dir, args.shapes, args.bundle, transports,
-                           rates=not args.no_rates)
-    except (BenchError, RateError, TopologyError, BundleError, OSError) as exc:
+                           rates=not args.no_rates, edges_sweep=sweep)
+    except (BenchError, RateError, TopologyError, BundleError, OSError, ValueError) as exc:
         print(f"devit-mq bench: error: {exc}", file=sys.stderr)
         return 2
     result["command"] = "devit-mq bench " + " ".join(argv)
@@ -438,4 +501,4 @@ def main(argv: list[str]) -> int:
 
 
 __all__ = ["QUICK", "BenchError", "BenchPlan", "TeacherRunner", "bench_images", "derive_topologies", "main",
-           "run_bench", "run_client_workload", "run_mpi_client", "speedups"]
+           "n_edge_topology", "run_bench", "run_client_workload", "run_mpi_client", "speedups", "sweep_edges"]

@@ -24,6 +24,7 @@ mid-run); otherwise the tool attaches to a running one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -342,7 +343,9 @@ def standalone_throughput(topology, seconds: float = 2.0, seed: int = 0) -> dict
 
 
 def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = False,
-               log_dir: Path | None = None) -> dict[str, Any]:
+               log_dir: Path | None = None, launcher: FaultLauncher | None = None) -> dict[str, Any]:
+    """One stress run. ``launch`` starts (and finally stops) the topology; a caller that runs several
+    passes ``launcher`` instead (already started, left running)."""
     from devit_mq.nodes.client import default_client_name
     from devit_mq.topology import load_topology
 
@@ -350,7 +353,8 @@ def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = Fals
     if topology.transport != "zmq":
         raise StressError(f"{topology_path}: transport is {topology.transport!r}; the stress tool attaches over "
                           "ZeroMQ (use a zmq variant of the topology)")
-    if not launch and (cfg.edge_faults or cfg.kill_edge):
+    own_launcher = launch and launcher is None
+    if launcher is None and not launch and (cfg.edge_faults or cfg.kill_edge):
         raise StressError("--edge-faults and --kill-edge need --launch (the tool must start the edges)")
     if cfg.kill_edge and cfg.kill_edge not in [e.name for e in topology.edges]:
         raise StressError(f"--kill-edge {cfg.kill_edge!r}: not an edge of {topology.name!r} "
@@ -363,8 +367,7 @@ def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = Fals
                             "faulty_edges": list(cfg.faulty_edges) if cfg.faulty_edges else "all",
                             "kill": {"edge": cfg.kill_edge, "at_s": cfg.kill_at_s,
                                      "restart_after_s": cfg.restart_after_s} if cfg.kill_edge else None}
-    launcher = None
-    if launch:
+    if own_launcher:
         launcher = FaultLauncher(topology, edge_faults=cfg.edge_faults, faulty_edges=cfg.faulty_edges, seed=cfg.seed,
                                  log_dir=log_dir)
         print(f"launching {topology_path} ...", flush=True)
@@ -429,8 +432,38 @@ def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = Fals
     finally:
         for client in clients:
             client.close()
+        if own_launcher and launcher is not None:
+            launcher.stop()
+
+
+def run_rate_sweep(topology_path: str | Path, cfg: StressConfig, rates: Sequence[float], launch: bool = False,
+                   log_dir: Path | None = None) -> dict[str, Any]:
+    """Open-loop runs at each offered rate on one topology (launched once): latency vs offered load."""
+    from devit_mq.topology import load_topology
+
+    if cfg.kill_edge:
+        raise StressError("--kill-edge applies to one run, not to a sweep of rates")
+    launcher = None
+    if launch:
+        launcher = FaultLauncher(load_topology(topology_path), edge_faults=cfg.edge_faults,
+                                 faulty_edges=cfg.faulty_edges, seed=cfg.seed, log_dir=log_dir)
+        print(f"launching {topology_path} ...", flush=True)
+        launcher.start()
+    runs = []
+    try:
+        for i, rate in enumerate(rates):
+            one = dataclasses.replace(cfg, rate=rate, clients=None, standalone=cfg.standalone and i == 0)
+            runs.append(run_stress(topology_path, one, log_dir=log_dir, launcher=launcher))
+    finally:
         if launcher is not None:
             launcher.stop()
+    sweep = [{"offered": r["config"]["rate"], "achieved": r["summary"]["throughput"],
+              **{k: r["summary"][k] for k in ("latency_ms", "degraded", "errors", "lost", "duplicates")}}
+             for r in runs]
+    return {"kind": "stress-sweep", "topology": str(topology_path), "sweep": sweep, "runs": runs,
+            "standalone": runs[0].get("standalone") if runs else None,
+            "summary": {"lost": sum(r["summary"]["lost"] for r in runs),
+                        "duplicates": sum(r["summary"]["duplicates"] for r in runs)}}
 
 
 def shaped_topology(topology: str | Path, shapes_name: str, work_dir: Path, seed: int = 0) -> tuple[Path, str]:
@@ -444,6 +477,13 @@ def shaped_topology(topology: str | Path, shapes_name: str, work_dir: Path, seed
     work_dir.mkdir(parents=True, exist_ok=True)
     bundle = ensure_bundle(work_dir / "bundles" / shapes.name, shapes, seed=seed)
     return derive_topologies(topology, bundle, work_dir)["zmq"], shapes.describe()
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
 
 
 def _kill_spec(text: str | None) -> tuple[str | None, float | None]:
@@ -463,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         "RSS over time; optional fault injection."))
     p.add_argument("topology")
     load = p.add_mutually_exclusive_group(required=True)
-    load.add_argument("--rate", type=float, help="open loop: requests per second")
+    load.add_argument("--rate", type=_rates, help="open loop: requests per second; a comma-separated list "
+                                                   "runs one after the other (latency vs offered load)")
     load.add_argument("--clients", type=int, help="closed loop: concurrent clients, one request in flight each")
     p.add_argument("--duration", type=float, required=True, help="seconds of load")
     p.add_argument("--launch", action="store_true", help="start the topology (else attach to a running one)")
@@ -504,7 +545,7 @@ def main(argv: list[str]) -> int:
     try:
         kill_edge, kill_at = _kill_spec(args.kill_edge)
         cfg = StressConfig(
-            duration=args.duration, rate=args.rate, clients=args.clients, window_s=args.window,
+            duration=args.duration, rate=args.rate[0] if args.rate else None, clients=args.clients, window_s=args.window,
             batch_size=args.batch_size, timeout_s=args.timeout, send_timeout_s=args.send_timeout, seed=args.seed,
             standalone=not args.no_standalone,
             client_faults=FaultSpec.parse(args.client_faults) if args.client_faults else None,
@@ -517,17 +558,21 @@ def main(argv: list[str]) -> int:
             if not args.launch:
                 raise StressError("--shapes needs --launch (the nodes must be started on the built bundle)")
             topology_path, bundle_note = shaped_topology(args.topology, args.shapes, args.work_dir, args.seed)
-        result = run_stress(topology_path, cfg, launch=args.launch, log_dir=args.log_dir)
+        if args.rate and len(args.rate) > 1:
+            result = run_rate_sweep(topology_path, cfg, args.rate, launch=args.launch, log_dir=args.log_dir)
+        else:
+            result = run_stress(topology_path, cfg, launch=args.launch, log_dir=args.log_dir)
         if bundle_note:
             result["bundle"] = bundle_note
     except (StressError, FaultSpecError, TopologyError, ClientError, LaunchError, OSError) as exc:
         print(f"devit-mq stress: error: {exc}", file=sys.stderr)
         return 2
     result["command"] = "devit-mq stress " + " ".join(argv)
-    print(report.stress_markdown(result))
+    sweep = result["kind"] == "stress-sweep"
+    print(report.sweep_markdown(result) if sweep else report.stress_markdown(result))
     if args.json:
         print(f"JSON: {report.write_json(args.json, result)}")
     if args.plot:
-        print(report.try_plot(report.plot_stress, result, args.plot))
+        print(report.try_plot(report.plot_sweep if sweep else report.plot_stress, result, args.plot))
     s = result["summary"]
     return 0 if s["lost"] == 0 and s["duplicates"] == 0 else 1
