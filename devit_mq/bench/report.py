@@ -262,11 +262,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
     ax.legend(loc="upper left", fontsize=7)
     twin.legend(loc="lower right", fontsize=7)
     fig.suptitle(f"devit-mq stress: {Path(result['topology']).name}, latency vs offered load")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def try_plot(plot: Callable[[dict[str, Any], Path], Path], result: dict[str, Any], path: str | Path) -> str:
@@ -276,6 +272,14 @@ def try_plot(plot: Callable[[dict[str, Any], Path], Path], result: dict[str, Any
     except ImportError:
         return f"plot skipped: matplotlib is not installed (pip install 'devit-mq[plot]'); {path} not written"
     return f"plot: {plot(result, Path(path))}"
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pyplot():
@@ -333,11 +337,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
         lat.legend(loc="upper right", fontsize=7)
     fig.suptitle(f"devit-mq bench: {Path(result['topology']).name}"
                  + (" (random weights)" if result.get("bundle", {}).get("random_weights") else ""))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_stress(result: dict[str, Any], path: Path) -> Path:
@@ -359,8 +359,4 @@ def plot_stress(result: dict[str, Any], path: Path) -> Path:
     ax2.set_ylabel("RSS (MB)")
     ax2.legend(fontsize=7)
     fig.suptitle(f"devit-mq stress: {Path(result['topology']).name}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
