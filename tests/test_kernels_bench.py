@@ -21,6 +21,8 @@ def test_bench_kernels_quick_writes_table_and_json(tmp_path, capsys):
     for r in rows:
         assert r["threads"] == 1 and r["sdpa_us"] > 0 and r["numba_us"] > 0
         assert r["ratio_numba_sdpa"] == pytest.approx(r["numba_us"] / r["sdpa_us"])
+        assert r["ratio_numba_sdpa_cpu"] == pytest.approx(r["numba_cpu_us"] / r["sdpa_cpu_us"])
+        assert r["numba_min_us"] <= r["numba_us"]
         assert r["max_abs_diff"] <= 1e-4
     assert data["vit"] == [] and data["environment"]["blas"]
 
