@@ -53,14 +53,14 @@ def free_ports(n: int) -> list[int]:
 
 
 def write_topology(path: Path, bundle: Path, n_edges: int = 2, transport: str = "zmq", codec: str = "fp32",
-                   **aggregator) -> Path:
+                   attention: str = "torch", **aggregator) -> Path:
     ports = free_ports(n_edges + 1)
     data = {
         "name": path.stem,
         "bundle": str(bundle),
         "transport": transport,
         "codec": codec,
-        "defaults": {"threads": 1, "max_batch": 8, "max_wait_ms": 2.0},
+        "defaults": {"threads": 1, "attention": attention, "max_batch": 8, "max_wait_ms": 2.0},
         "aggregator": {"name": "aggregator", "host": "127.0.0.1", "port": ports[0],
                        "deadline_ms": 2000, **aggregator},
         "edges": [{"name": f"edge{i}", "submodel": i, "host": "127.0.0.1", "port": ports[i + 1]}

@@ -34,7 +34,7 @@ def reference(bundle, imgs, codec, missing=()):
 @pytest.mark.parametrize("codec", ["int8"])
 def test_zmq_launch_matches_reference_and_serves_a_second_client(tmp_path, codec):
     bundle = make_bundle(tmp_path / "bundle")
-    topo = write_topology(tmp_path / "t.yaml", bundle, codec=codec)
+    topo = write_topology(tmp_path / "t.yaml", bundle, codec=codec, attention="auto")  # edges calibrate
     imgs = images(20)
     with Launcher(topo, log_dir=tmp_path / "logs") as launcher:
         assert {r["role"] for r in launcher.describe()} == {"edge", "aggregator"}

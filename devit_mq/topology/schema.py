@@ -12,7 +12,7 @@ A topology is a YAML file (or the equivalent mapping)::
     security: {curve: false, keys_dir: keys/}   # ZeroMQ CURVE; keys from `devit-mq keys DIR --nodes ...`
     defaults:                # any node setting below; a node's own value wins
       threads: 1             # torch (and numba) threads for that process
-      attention: torch       # torch | naive | numba | cuda | auto
+      attention: auto        # torch | naive | numba | cuda | auto (calibrated at start-up)
       max_batch: 8           # dynamic batching: at most this many images per compute batch
       max_wait_ms: 2.0       #   ...waiting at most this long for more after the first arrives
     aggregator:
@@ -97,7 +97,7 @@ NODE_KEYS: dict[str, tuple[str, ...]] = {
 }
 DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS)
 BUILTIN_DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1", "threads": 1, "attention": "torch", "max_batch": 8, "max_wait_ms": 2.0,
+    "host": "127.0.0.1", "threads": 1, "attention": "auto", "max_batch": 8, "max_wait_ms": 2.0,
     "deadline_ms": 1000.0, "missing_policy": "degrade", "max_pending": 10000,
 }
 _ALL_NODE_KEYS = sorted({k for keys in NODE_KEYS.values() for k in keys})
