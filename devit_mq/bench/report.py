@@ -213,7 +213,7 @@ def stress_markdown(result: dict[str, Any]) -> str:
     if result.get("events"):
         out += ["Events: " + "; ".join(f"{e['event']} {e.get('node', '')} at {e['t']:.1f} s" for e in result["events"]),
                 ""]
-    if s.get("standalone_img_s"):
+    if s.get("standalone_img_s") and not cfg.get("rate"):  # only a saturating (closed) load compares
         out += [f"Slowest edge standalone (same run, 1 process, its threads and max_batch): "
                 f"{s['standalone_img_s']:.1f} img/s ({s['slowest_edge']}); sustained/standalone = "
                 f"{fmt(s.get('throughput_ratio'), 2)}", ""]
