@@ -67,6 +67,7 @@ class Metrics:
         self._cursor: dict[str, int] = defaultdict(int)
         self.started = time.time()
         self._peak_rss_mb = 0.0
+        self.info: dict[str, Any] = {}  # static facts worth reporting (role, backend, threads, pid)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -95,6 +96,8 @@ class Metrics:
         self._peak_rss_mb = max(self._peak_rss_mb, usage["rss_mb"])
         return {
             "node": self.node,
+            "pid": os.getpid(),
+            "info": dict(self.info),
             "uptime_s": time.time() - self.started,
             "counters": dict(self.counters),
             "bytes": dict(self.bytes),

@@ -74,6 +74,7 @@ class AggregatorNode(NodeBase):
         self.ready_parts: set[int] = set()
         self.last_seen: dict[int, float] = {}
         self.node_metrics: dict[str, dict] = {}  # latest telemetry from each edge's heartbeat
+        self.metrics.info = {"role": "aggregator", "policy": missing_policy, "deadline_ms": deadline_ms}
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> None:

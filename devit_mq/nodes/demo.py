@@ -71,6 +71,17 @@ def wire_bytes_per_image(topology: Topology, manifest: Manifest) -> dict[str, in
     return out
 
 
+def node_table(status: dict[str, Any]) -> list[str]:
+    """One line per node from the aggregator's status: what ran where, and what it cost."""
+    lines = []
+    for name, snap in sorted(status.get("nodes", {}).items()):
+        info = snap.get("info", {})
+        facts = ", ".join(f"{k}={v}" for k, v in info.items())
+        lines.append(f"  {name}: pid {snap.get('pid')}, {facts + ', ' if facts else ''}"
+                     f"cpu {snap.get('cpu_s', 0):.1f}s, rss {snap.get('rss_mb', 0):.0f} MB")
+    return lines
+
+
 def run_workload(client: ClientNode, split: TestSplit, latency_requests: int = 200, batch_size: int = 8,
                  window: int = 4) -> dict[str, Any]:
     """Batch-1 latency on sequential requests, then the whole split pipelined for accuracy/throughput."""
@@ -92,6 +103,7 @@ def run_workload(client: ClientNode, split: TestSplit, latency_requests: int = 2
         "degraded": bulk.degraded + lat.degraded,
         "answered": len(bulk.answers),
         "error_examples": [a.error for a in (bulk.errors + lat.errors)[:3]],
+        "nodes": node_table(client.query_status(10.0)),
     }
 
 
@@ -127,6 +139,8 @@ def summarize(result: dict[str, Any], split: TestSplit, reference: tuple[np.ndar
         "bytes on the wire per image (batch-1 message, header included):",
     ]
     lines += [f"  {k}: {v} B" for k, v in bytes_per_image.items()]
+    lines.append("what each node ran (from the nodes' own telemetry):")
+    lines += result["nodes"]
     if result["error_examples"]:
         lines.append(f"first errors: {result['error_examples']}")
     return "\n".join(lines)

@@ -54,6 +54,8 @@ class EdgeNode(NodeBase):
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_ms) / 1e3
         self._last_heartbeat = 0.0
+        self.metrics.info = {"role": "edge", "part": part, "attention": model.attention_backend,
+                             "threads": torch.get_num_threads(), "codec": codec}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def warm_up(self) -> None:

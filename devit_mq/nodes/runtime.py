@@ -45,9 +45,11 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
             chosen = select_backend(model, batch_size=1)
             model.set_attention_backend(chosen)
             log.info("%s: attention backend calibrated: %s", name, chosen)
-        return EdgeNode(name, transport, model, manifest.input, spec.submodel, topology.aggregator.name,
+        node = EdgeNode(name, transport, model, manifest.input, spec.submodel, topology.aggregator.name,
                         codec=topology.codec, max_batch=spec.max_batch, max_wait_ms=spec.max_wait_ms,
                         limits=limits)
+        node.metrics.info["attention_requested"] = backend
+        return node
     if spec.role == "aggregator":
         fusion = load_fusion(topology.bundle, manifest)
         return AggregatorNode(
