@@ -16,8 +16,8 @@ from devit_mq.model import (
     FusionHead,
     InputSpec,
     Manifest,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     save_bundle,
 )
 

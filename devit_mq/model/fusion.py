@@ -67,7 +67,7 @@ def concat_features(
         raise ValueError("cannot fuse: every sub-model's features are missing")
     ref = present[0]
     out = []
-    for i, (part, dim) in enumerate(zip(parts, in_dims)):
+    for i, (part, dim) in enumerate(zip(parts, in_dims, strict=True)):
         if part is None:
             out.append(ref.new_zeros(ref.shape[0], num_prefix_tokens, dim))
             continue

@@ -68,7 +68,7 @@ def main_launch(argv: list[str]) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     _logging(args.verbose)
-    from .launcher import LaunchError, Launcher
+    from .launcher import Launcher, LaunchError
 
     launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout)
     try:
@@ -123,7 +123,7 @@ def main_infer(argv: list[str]) -> int:
             return _fail(f"cannot read image: {exc}")
         pred = client.predict(images)
         classes = client.classes
-        for path, ans in zip(args.images, pred.answers):
+        for path, ans in zip(args.images, pred.answers, strict=True):
             row = {"image": path, "label": ans.label, "class": classes[ans.label] if ans.ok else None,
                    "confidence": float(ans.probs.max()) if ans.ok else None, "degraded": ans.degraded,
                    "error": ans.error, "latency_ms": round(ans.latency_s * 1e3, 2)}
@@ -160,7 +160,7 @@ def main_demo(argv: list[str]) -> int:
         return _demo_mpi(args)
     from devit_mq.topology import TopologyError, load_topology
 
-    from .launcher import LaunchError, Launcher
+    from .launcher import Launcher, LaunchError
 
     path = args.topology or DEFAULT_TOPOLOGY
     try:
