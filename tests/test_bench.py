@@ -86,6 +86,8 @@ def test_bench_rejects_unknown_transport(topology, capsys):
     assert "--transports" in capsys.readouterr().err
     assert main([str(topology), "--edges-sweep", "1,two"]) == 2
     assert "--edges-sweep" in capsys.readouterr().err
+    assert main([str(topology.parent / "missing.yaml"), "--quick"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
 
 
 def test_derived_topologies_keep_nodes_and_settings(topology, tmp_path):

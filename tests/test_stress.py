@@ -96,6 +96,9 @@ def test_cli_rejects_bad_arguments(topology, capsys):
         StressConfig(duration=1.0, rate=1.0, clients=2)
     with pytest.raises(SystemExit):
         main([str(topology), "--rate", "5,x", "--duration", "1"])
+    # attach mode with nothing running: a clear error naming the aggregator, not a hang
+    assert main([str(topology), "--rate", "5", "--duration", "1", "--connect-timeout", "1", "--no-standalone"]) == 2
+    assert "aggregator" in capsys.readouterr().err
 
 
 # -- pieces -------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class StressConfig:
     # connected): short, so that one crashed edge cannot stall the generator for seconds per request.
     send_timeout_s: float = 0.02
     pool: int = 16
+    connect_timeout_s: float = 60.0  # how long to wait for the topology to report every edge ready
     seed: int = 0
     warmup_s: float | None = None  # RSS growth is measured from the first sample after this
     standalone: bool = True
@@ -210,7 +211,7 @@ def open_client(topology, name: str, cfg: StressConfig, ledger: Ledger | None, f
             transport = cfg.client_faults.wrap(transport, seed=cfg.seed * 1000 + fault_seed)
     client = make_client(topology, transport, name, timeout_s=cfg.timeout_s)
     try:
-        client.connect(60.0)
+        client.connect(cfg.connect_timeout_s)
     except BaseException:
         client.close()
         raise
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=5.0, help="seconds per reporting window")
     p.add_argument("--batch-size", type=int, default=1, help="images per request message")
     p.add_argument("--timeout", type=float, default=10.0, help="client-side answer timeout (s)")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds to wait for a running topology's edges to be ready (attach mode)")
     p.add_argument("--send-timeout", type=float, default=0.02,
                    help="how long a send may wait for a link (s); a dead edge costs this per request")
     p.add_argument("--client-faults", default=None, metavar="SPEC",
@@ -547,6 +550,7 @@ def main(argv: list[str]) -> int:
         cfg = StressConfig(
             duration=args.duration, rate=args.rate[0] if args.rate else None, clients=args.clients, window_s=args.window,
             batch_size=args.batch_size, timeout_s=args.timeout, send_timeout_s=args.send_timeout, seed=args.seed,
+            connect_timeout_s=args.connect_timeout,
             standalone=not args.no_standalone,
             client_faults=FaultSpec.parse(args.client_faults) if args.client_faults else None,
             edge_faults=FaultSpec.parse(args.edge_faults) if args.edge_faults else None,
