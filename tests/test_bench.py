@@ -31,7 +31,7 @@ def check_phase(phase, threads=("1", "2")):
         assert positive(tp["img_s"]) and tp["errors"] == 0 and tp["cpu_s_per_img"] >= 0
     assert {"aggregator", "edge0", "edge1", "client"} <= set(phase["nodes"])
     assert all(positive(n["peak_rss_mb"]) for n in phase["nodes"].values())
-    assert set(phase["teacher"]) == set(threads)
+    assert set(phase["teacher"]) == set(threads) == set(phase["teacher_attention"])
     for tr in phase["teacher"].values():
         assert positive(tr["latency_ms"]["p50"]) and positive(tr["best_img_s"])
 

@@ -103,6 +103,11 @@ def bench_markdown(result: dict[str, Any]) -> str:
               else "."),
            f"Energy: {'RAPL package energy (whole machine)' if m.get('rapl') else 'RAPL not readable here: CPU-seconds per image instead'}.",
            ""]
+    if result.get("attention"):
+        teacher = {f"{tr}: {', '.join(f'{t}T {b}' for t, b in ph.get('teacher_attention', {}).items())}"
+                   for tr, ph in result["devit"].items() if ph.get("teacher_attention")}
+        out[-1:-1] = [f"Attention: edges {', '.join(result['attention']['edges'])} (topology setting); teacher "
+                      f"backend chosen the same way ({'; '.join(sorted(teacher)) or 'n/a'})."]
     rows = []
     for transport, phase in result["devit"].items():
         for t, tr in phase.get("teacher", {}).items():

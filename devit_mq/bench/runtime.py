@@ -94,20 +94,40 @@ def _tile(images: np.ndarray, n: int) -> np.ndarray:
 # -- the monolithic teacher -----------------------------------------------------------------------
 class TeacherRunner:
     """The teacher in this process: uint8 images -> normalised tensor -> logits -> probabilities,
-    i.e. the same work the DeViT path does end to end, with ``threads`` torch threads."""
+    i.e. the same work the DeViT path does end to end, with ``threads`` torch threads.
 
-    def __init__(self, bundle: Path) -> None:
+    ``attention`` is the edges' setting, so both sides get the same attention policy: a named
+    backend, or ``auto`` = the fastest one measured for this model at each thread count (what an
+    edge does at start-up)."""
+
+    def __init__(self, bundle: Path, attention: str = "torch") -> None:
         from devit_mq.model import load_manifest, load_teacher
 
         manifest = load_manifest(bundle)
         self.model = load_teacher(bundle, manifest)
         self.input = manifest.input
+        self.attention = attention
+        self.backends: dict[int, str] = {}  # threads -> attention backend used
         self.params_mb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
+
+    def _use_threads(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if threads not in self.backends:
+            if self.attention == "auto":
+                from devit_mq.model import select_backend
+
+                self.backends[threads] = select_backend(self.model, batch_size=1, apply=False)
+            else:
+                self.backends[threads] = self.attention
+        if self.model.attention_backend != self.backends[threads]:
+            self.model.set_attention_backend(self.backends[threads])
 
     def predict(self, images: np.ndarray, threads: int) -> np.ndarray:
         import torch
 
-        torch.set_num_threads(threads)
+        self._use_threads(threads)
         with torch.inference_mode():
             out = self.model(self.input.to_tensor(images))
             if isinstance(out, tuple):  # a distilled (DeiT) teacher: average its two heads
@@ -232,6 +252,7 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
             log(f"  teacher {t} thread(s): p50 {result['teacher'][str(t)]['latency_ms']['p50']:.1f} ms, "
                 f"best {best:.1f} img/s")
         result["teacher_params_mb"] = teacher.params_mb
+        result["teacher_attention"] = {str(t): b for t, b in teacher.backends.items()}
     return result
 
 
@@ -240,7 +261,7 @@ def run_mpi_client(client, topology, config_path: str | Path) -> None:
     ``devit-mq bench`` wrote into FILE and write the result where FILE says."""
     config = json.loads(Path(config_path).read_text())
     plan = BenchPlan.from_dict(config["plan"])
-    teacher = TeacherRunner(topology.bundle) if config.get("teacher", True) else None
+    teacher = TeacherRunner(topology.bundle, topology.edges[0].attention) if config.get("teacher", True) else None
     result = run_client_workload(client, teacher, tuple(client.status["image_shape"]), plan,
                                  log=lambda line: print(f"[mpi] {line}", flush=True))
     Path(config["out"]).write_text(json.dumps(result))
@@ -403,7 +424,8 @@ def run_bench(topology: str | Path, plan: BenchPlan, work_dir: Path, shapes_name
 
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    n_edges = load_topology(topology, check_bundle=False).num_edges
+    spec = load_topology(topology, check_bundle=False)
+    n_edges, attention = spec.num_edges, spec.edges[0].attention
     result: dict[str, Any] = {"kind": "bench", "topology": str(topology), "plan": plan.to_dict(),
                               "machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if bundle is None:
@@ -415,7 +437,8 @@ def run_bench(topology: str | Path, plan: BenchPlan, work_dir: Path, shapes_name
         meta = load_manifest(bundle).metadata
         result["bundle"] = {"path": str(bundle), "random_weights": bool(meta.get("random_weights", False))}
     paths = derive_topologies(topology, bundle, work_dir)
-    teacher = TeacherRunner(bundle)
+    teacher = TeacherRunner(bundle, attention)
+    result["attention"] = {"edges": sorted({e.attention for e in spec.edges})}
     result["devit"] = {}
     for transport in transports:
         print(f"== DeViT over {transport} (teacher interleaved in the client process) ==", flush=True)
