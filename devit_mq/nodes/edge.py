@@ -1,8 +1,9 @@
 """The edge: run one sub-model on every image it is sent, send its CLS (and DIST) tokens onwards.
 
 Dynamic batching: after the first image arrives the edge keeps collecting for at most ``max_wait_ms``
-or until ``max_batch`` images are waiting, then runs them as one batch. With one client sending one
-image at a time this degenerates to batch-1 latency; under load it becomes bulk throughput.
+or until ``max_batch`` images are waiting, then runs them as one batch. The default wait is 0: take
+whatever is already queued and start. While a batch computes (tens of ms for a ViT) new requests queue
+up, so under load batches form by themselves, and a lone request never pays a batching delay.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ A topology is a YAML file (or the equivalent mapping)::
       threads: 1             # torch (and numba) threads for that process
       attention: auto        # torch | naive | numba | cuda | auto (calibrated at start-up)
       max_batch: 8           # dynamic batching: at most this many images per compute batch
-      max_wait_ms: 2.0       #   ...waiting at most this long for more after the first arrives
+      max_wait_ms: 0.0       #   ...waiting at most this long for more (0: take what is queued, never wait)
     aggregator:
       name: aggregator
       host: 127.0.0.1        # where peers connect
@@ -42,7 +42,7 @@ Keys, by section (everything not marked *required* has the default shown):
 - aggregator and edges: ``host`` (``127.0.0.1``) + ``port``, *or* ``ipc`` (a Unix socket path,
   e.g. ``/tmp/devit-edge0.sock``) -- one of them is *required* with ZeroMQ; ``bind`` (the endpoint
   to bind, default ``tcp://<host>:<port>`` for a loopback host, otherwise ``tcp://*:<port>``);
-  ``threads`` (1), ``attention`` (``torch``), ``max_batch`` (8), ``max_wait_ms`` (2.0).
+  ``threads`` (1), ``attention`` (``auto``), ``max_batch`` (8), ``max_wait_ms`` (0.0).
 - edges only: ``submodel`` (*required*: the bundle's sub-model index; each of 0..N-1 exactly once),
   ``embed_dim`` (optional: the expected feature width, checked against the bundle).
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
@@ -97,7 +97,7 @@ NODE_KEYS: dict[str, tuple[str, ...]] = {
 }
 DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS)
 BUILTIN_DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1", "threads": 1, "attention": "auto", "max_batch": 8, "max_wait_ms": 2.0,
+    "host": "127.0.0.1", "threads": 1, "attention": "auto", "max_batch": 8, "max_wait_ms": 0.0,
     "deadline_ms": 1000.0, "missing_policy": "degrade", "max_pending": 10000,
 }
 _ALL_NODE_KEYS = sorted({k for keys in NODE_KEYS.values() for k in keys})
@@ -171,7 +171,7 @@ class NodeSpec:
     threads: int = 1
     attention: str = "torch"
     max_batch: int = 8
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     deadline_ms: float | None = None
     missing_policy: str | None = None
     max_pending: int | None = None
