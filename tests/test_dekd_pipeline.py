@@ -82,7 +82,7 @@ def test_resume_reuses_finished_stages(tiny_run, tmp_path, capsys):
     assert (work / "teacher.safetensors").is_file() and (work / "fusion.json").is_file()
     shutil.copytree(work, tmp_path / "bundle.work")
     capsys.readouterr()
-    code, out2 = _train(tmp_path, "--resume", "--no-ablation")
+    code, out2 = _train(tmp_path, "--resume", "--no-ablation", "--threads", "1")
     assert code == 0
     log = capsys.readouterr().out
     assert "stage teacher: loaded" in log and "stage fusion: loaded" in log

@@ -15,6 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="reuse finished stages whose settings are unchanged")
     parser.add_argument("--quick", action="store_true", help="smoke run: one epoch per stage on a small subset")
     parser.add_argument("--stop-after", choices=("teacher", "students", "fusion"), help="stop after this stage")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the config's; 1 suits a busy machine)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the run without the relation loss")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.quick:
             cfg = quick_config(cfg)
+        if args.threads:
+            cfg = cfg.replace(threads=args.threads)
         run(cfg, out=args.out, work_dir=args.work_dir, resume=args.resume, stop_after=args.stop_after,
             ablation=False if args.no_ablation else None)
     except (ConfigError, DataError, BundleError) as exc:
