@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Open-loop (--rate) or closed-loop (--clients) load against a ZeroMQ topology: throughput, "
         "latency per window, errors, degraded and lost requests (every id must be answered exactly once), "
         "RSS over time; optional fault injection."))
-    p.add_argument("topology")
+    p.add_argument("topology", help="topology YAML (ZeroMQ; with --shapes its MPI variant works too)")
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=_rates, help="open loop: requests per second; a comma-separated list "
                                                    "runs one after the other (latency vs offered load)")
