@@ -95,6 +95,21 @@ def test_fusion_loss_terms():
     assert two.item() == pytest.approx(2.5)
 
 
+def test_fusion_loss_sample_weight_and_orphan_mask():
+    from devit_mq.dekd.losses import orphan_mask
+
+    keep = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # sample 0 lost part 1, sample 1 lost part 0
+    owner = torch.tensor([0, 0, 1, 1])                          # classes 0,1 -> part 0; 2,3 -> part 1
+    labels = torch.tensor([2, 3, 0])
+    assert orphan_mask(keep, labels, owner).tolist() == [0.0, 1.0, 1.0]  # sample 0's owner (part 1) is gone
+    torch.manual_seed(0)
+    logits, mapped, t_tok = torch.randn(3, 4), torch.randn(3, 1, 2), torch.randn(3, 1, 2)
+    t_logits = torch.randn(3, 4)
+    weighted = fusion_loss(logits, mapped, labels, t_logits, t_tok, sample_weight=torch.tensor([0.0, 1.0, 1.0]))
+    kept = fusion_loss(logits[1:], mapped[1:], labels[1:], t_logits[1:], t_tok[1:])
+    assert weighted.item() == pytest.approx(kept.item(), rel=1e-6)
+
+
 def test_int8_reference_hand_computed():
     x = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-2.54, 0.01, 1.27]])
     q, scale = int8_quantize(x)

@@ -90,6 +90,9 @@ class FusionSection:
     finetune: str = "joint"             # joint: students fine-tuned with the head; frozen: head only
     student_lr_scale: float = 0.1       # students' lr relative to the head's when joint
     feature_dropout: float = 0.2        # probability that a sample loses one whole sub-model
+    # Supervise a sample whose own class's sub-model was dropped? True (plain feature dropout) teaches
+    # the others to guess those classes; false keeps the fusion sharp on the classes still present.
+    orphan_loss: bool = True
     codecs: list[str] = field(default_factory=lambda: list(CODECS))  # simulated per batch
     mse_weight: float = 1.0
     ce_weight: float = 0.5

@@ -65,14 +65,28 @@ def feature_dropout_mask(batch: int, num_parts: int, p: float, generator: torch.
 def fusion_loss(
     logits: torch.Tensor, mapped: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
     teacher_tokens: torch.Tensor, mse_weight: float = 1.0, ce_weight: float = 0.5, kd_weight: float = 0.5,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = 0.0, sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE(mapped tokens, teacher's final-norm tokens) + CE + hard KD over all classes.
 
     ``teacher_tokens`` ``[B, P_t, D]``: a plain-ViT teacher's CLS token is the target for every mapped
-    token; a DeiT teacher's CLS and DIST tokens map to the CLS and DIST branches."""
+    token; a DeiT teacher's CLS and DIST tokens map to the CLS and DIST branches. ``sample_weight``
+    ``[B]`` (0/1) leaves samples out of every term (mean over the kept ones)."""
     target = teacher_tokens[:, : mapped.shape[1]]
     if target.shape[1] < mapped.shape[1]:
         target = target[:, :1].expand(-1, mapped.shape[1], -1)
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    return mse_weight * F.mse_loss(mapped, target) + ce_weight * ce + kd_weight * hard_kd(logits, teacher_logits)
+    per_sample = (
+        mse_weight * (mapped - target).pow(2).flatten(1).mean(1)
+        + ce_weight * F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+        + kd_weight * F.cross_entropy(logits, teacher_logits.argmax(dim=-1), reduction="none")
+    )
+    if sample_weight is None:
+        return per_sample.mean()
+    return (per_sample * sample_weight).sum() / sample_weight.sum().clamp_min(1.0)
+
+
+def orphan_mask(keep: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``[B]`` 1.0 where the sub-model owning the sample's class is present, 0.0 where it was dropped.
+
+    ``keep`` ``[B, N]`` is the feature-dropout mask, ``owner`` ``[C]`` maps class -> owning sub-model."""
+    return keep.gather(1, owner[labels].unsqueeze(1)).squeeze(1)

@@ -95,7 +95,8 @@ def run(cfg: DEKDConfig, out: str | Path | None = None, work_dir: str | Path | N
         ensemble = build_ensemble([VisionTransformer(s.config) for s in students], t_cfg, data.num_classes)
         st = store.load(name, key, {"ensemble": ensemble})
         if st is None:
-            ensemble, st = train_fusion(teacher, students, cfg.fusion, train, data.num_classes, cfg.seed + 200, name)
+            ensemble, st = train_fusion(teacher, students, cfg.fusion, train, data.num_classes, cfg.seed + 200, name,
+                                         groups)
             store.save(name, key, {"ensemble": ensemble}, st)
         seconds[name] = st["seconds"]
         return ensemble
@@ -123,6 +124,7 @@ def run(cfg: DEKDConfig, out: str | Path | None = None, work_dir: str | Path | N
         "fused_accuracy": result["fused_accuracy"],
         "missing_edge": result["missing_edge"],
         "settings": {"fusion_finetune": cfg.fusion.finetune, "feature_dropout": cfg.fusion.feature_dropout,
+                     "orphan_loss": cfg.fusion.orphan_loss,
                      "codecs": cfg.fusion.codecs, "relation_weight": cfg.students.relation_weight},
         "ablation_no_relation": None,
         "stage_seconds": seconds,

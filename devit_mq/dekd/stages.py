@@ -14,7 +14,14 @@ from ..model import ConfigError, DeViTEnsemble, FusionConfig, FusionHead, Vision
 from .batches import Batches
 from .config import FusionSection, StudentsSection, TeacherSection, TrainSection
 from .loop import fit, param_groups
-from .losses import feature_dropout_mask, fusion_loss, hard_kd, qkv_relation_loss, restrict_logits
+from .losses import (
+    feature_dropout_mask,
+    fusion_loss,
+    hard_kd,
+    orphan_mask,
+    qkv_relation_loss,
+    restrict_logits,
+)
 from .quant import codec_ste
 
 
@@ -143,6 +150,7 @@ def build_ensemble(students: Sequence[VisionTransformer], teacher_cfg: ViTConfig
 def train_fusion(
     teacher: VisionTransformer, students: Sequence[VisionTransformer], section: FusionSection,
     data: Batches, num_classes: int, seed: int, desc: str = "fusion",
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> tuple[DeViTEnsemble, dict]:
     """Ensemble stage: MSE(mapped token, teacher token) + 0.5 CE + 0.5 hard KD, with feature dropout
     and codec-aware training; students fine-tuned jointly or frozen."""
@@ -154,6 +162,13 @@ def train_fusion(
     train = section.train
     generator = torch.Generator().manual_seed(seed + 1)
     codecs = section.codecs
+    owner = None
+    if not section.orphan_loss:
+        if groups is None:
+            raise ValueError("fusion.orphan_loss=false needs the class groups")
+        owner = torch.empty(num_classes, dtype=torch.long)
+        for i, g in enumerate(groups):
+            owner[list(g)] = i
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         x, y = data.get(idx, train.augment)
@@ -168,8 +183,9 @@ def train_fusion(
         codec = codecs[int(torch.randint(len(codecs), (1,), generator=generator))]
         cat = torch.cat(apply_wire(parts, keep, codec), dim=-1)
         logits, mapped = ensemble.fusion.forward_mapped(cat)
+        weight = None if owner is None else orphan_mask(keep, y, owner)
         return fusion_loss(logits, mapped, y, t_logits, t_tokens[:, : teacher.num_prefix_tokens],
-                           section.mse_weight, section.ce_weight, section.kd_weight, train.label_smoothing)
+                           section.mse_weight, section.ce_weight, section.kd_weight, train.label_smoothing, weight)
 
     groups = param_groups(ensemble.fusion.named_parameters(), train.weight_decay, train.lr)
     if joint:
