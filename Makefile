@@ -52,6 +52,15 @@ stress: install
 train-default: install
 	$(DEVIT) train configs/default.yaml
 
+# The N=4 and heterogeneous bundles reuse the default teacher (its checkpoint is copied into their
+# work directories, where --resume accepts it because the teacher settings are identical).
+bundles: train-default
+	mkdir -p runs/n4-work runs/hetero-work
+	cp runs/default-work/teacher.* runs/n4-work/
+	cp runs/default-work/teacher.* runs/hetero-work/
+	$(DEVIT) train configs/n4.yaml --resume
+	$(DEVIT) train configs/hetero.yaml --resume
+
 lint: install
 	$(VENV)/bin/ruff check devit_mq kernels tests
 
