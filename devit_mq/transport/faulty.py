@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Collection, Sequence
 
-from .base import Transport
+from .base import Transport, TransportError
 
 
 class FaultyTransport(Transport):
@@ -36,7 +36,7 @@ class FaultyTransport(Transport):
         self.duplicate, self.corrupt = duplicate, corrupt
         self.peers = set(peers) if peers is not None else None
         self.rng = random.Random(seed)
-        self.stats = {"sent": 0, "dropped": 0, "duplicated": 0, "corrupted": 0, "delayed": 0}
+        self.stats = {"sent": 0, "dropped": 0, "duplicated": 0, "corrupted": 0, "delayed": 0, "lost_in_flight": 0}
         self._delayed: list[tuple[float, int, str, list[bytes]]] = []
         self._order = itertools.count()
 
@@ -54,7 +54,10 @@ class FaultyTransport(Transport):
         now = time.monotonic()
         while self._delayed and self._delayed[0][0] <= now:
             _, _, peer, frames = heapq.heappop(self._delayed)
-            self.inner.send(peer, frames)
+            try:
+                self.inner.send(peer, frames)
+            except TransportError:  # the link died while the message was delayed: it is lost, as it would be
+                self.stats["lost_in_flight"] += 1
 
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
         self._release_due()
