@@ -193,3 +193,15 @@ def test_status_reports_every_nodes_metrics(bundle):
         assert status["nodes"]["edge1"]["rss_mb"] > 0
         # the answers that arrived while waiting for the status are not lost
         assert len(client.collect(2.0)) == 3
+
+
+def test_client_skips_an_edge_that_refused_a_send_for_a_while():
+    hub = InprocHub()
+    for name in ["edge0", "aggregator"]:
+        InprocTransport(hub, name)
+    client = ClientNode("c", InprocTransport(hub, "c"), ["edge0", "ghost"], "aggregator", timeout_s=1)
+    client.submit(images(1))
+    client.submit(images(1))
+    assert client.metrics.counters["send_failed.ghost"] == 1
+    assert client.metrics.counters["skipped.ghost"] == 1
+    assert client.metrics.counters["sent.image"] == 2  # edge0 twice, ghost never

@@ -24,6 +24,13 @@ from .base import NodeBase
 log = logging.getLogger("devit_mq.nodes.client")
 
 
+# After a failed send to an edge, skip it for this long before trying again.
+EDGE_RETRY_S = 1.0
+# Clients wait at most this long for an edge's queue (a dead or saturated edge): the request then
+# goes on without that edge's features, and the aggregator answers it degraded at its deadline.
+CLIENT_SEND_TIMEOUT_S = 0.25
+
+
 class ClientError(RuntimeError):
     """The topology is not reachable or not ready; the message says which node is missing."""
 
@@ -98,6 +105,7 @@ class ClientNode(NodeBase):
         self.outstanding: dict[int, float] = {}  # request id -> send time (perf_counter)
         self.status: dict = {}
         self._held: list[Answer] = []  # answers received while waiting for something else
+        self._skip_until: dict[str, float] = {}  # edge -> time.monotonic() before which it is skipped
 
     # -- readiness handshake ----------------------------------------------------------------------
     def connect(self, timeout_s: float = 60.0, alive=None) -> dict:
@@ -133,7 +141,13 @@ class ClientNode(NodeBase):
         for rid in ids:
             self.outstanding[rid] = now
         for edge in self.edges:
-            self.send(edge, msg)
+            # an edge that just refused a send is skipped for a while (its part is zero-filled by
+            # the aggregator's deadline) instead of costing every request a send timeout
+            if time.monotonic() < self._skip_until.get(edge, 0.0):
+                self.metrics.count(f"skipped.{edge}")
+                continue
+            if not self.send(edge, msg):
+                self._skip_until[edge] = time.monotonic() + EDGE_RETRY_S
         return ids
 
     def collect(self, timeout_s: float) -> list[Answer]:

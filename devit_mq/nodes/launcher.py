@@ -15,7 +15,7 @@ from pathlib import Path
 from devit_mq.topology import NodeSpec, Topology, load_topology
 from devit_mq.transport import open_transport
 
-from .client import ClientNode, default_client_name
+from .client import CLIENT_SEND_TIMEOUT_S, ClientNode, default_client_name
 from .runtime import make_client
 
 log = logging.getLogger("devit_mq.launch")
@@ -78,7 +78,8 @@ class Launcher:
                 self.processes.append(self._spawn(spec))
         try:
             name = default_client_name()
-            self.client = make_client(self.topology, open_transport(self.topology, name), name)
+            transport = open_transport(self.topology, name, send_timeout=CLIENT_SEND_TIMEOUT_S)
+            self.client = make_client(self.topology, transport, name)
             self.status = self.client.connect(self.ready_timeout_s, alive=self.check_alive)
         except BaseException:
             self.stop()

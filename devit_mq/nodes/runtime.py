@@ -17,7 +17,7 @@ from devit_mq.wire import Limits, warmup
 
 from .aggregator import AggregatorNode
 from .base import NodeBase, configure_threads
-from .client import ClientNode, Prediction, default_client_name
+from .client import CLIENT_SEND_TIMEOUT_S, ClientNode, Prediction, default_client_name
 from .edge import EdgeNode
 
 log = logging.getLogger("devit_mq.nodes")
@@ -93,7 +93,7 @@ class Client:
                  connect_timeout_s: float = 60.0) -> None:
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         self.name = name or default_client_name()
-        transport = open_transport(self.topology, self.name)
+        transport = open_transport(self.topology, self.name, send_timeout=CLIENT_SEND_TIMEOUT_S)
         self.node = make_client(self.topology, transport, self.name, timeout_s)
         try:
             self.status = self.node.connect(connect_timeout_s)
