@@ -44,15 +44,17 @@ class NodeBase:
         self.running = True
 
     # -- messaging -----------------------------------------------------------------------------
-    def send(self, peer: str, msg: Message) -> bool:
+    def send(self, peer: str, msg: Message, expect_failure: bool = False) -> bool:
         """Encode and send; a failed send is counted and logged, never raised (a dead peer must not
-        crash a long-running node)."""
+        crash a long-running node). ``expect_failure`` logs it at debug level (e.g. hellos sent
+        before the peer is up)."""
         frames = encode(msg)
         try:
             self.transport.send(peer, frames)
         except TransportError as exc:
             self.metrics.count(f"send_failed.{peer}")
-            log.warning("%s: cannot send %s to %s: %s", self.name, msg.kind.name, peer, exc)
+            log.log(logging.DEBUG if expect_failure else logging.WARNING,
+                    "%s: cannot send %s to %s: %s", self.name, msg.kind.name, peer, exc)
             return False
         self.metrics.add_bytes(f"{self.name}->{peer}", sum(len(f) for f in frames))
         self.metrics.count(f"sent.{msg.kind.name.lower()}")
@@ -73,9 +75,9 @@ class NodeBase:
         self.metrics.add_bytes(f"{msg.source}->{self.name}", sum(len(f) for f in frames))
         return msg
 
-    def control(self, peer: str, op: str, **meta: object) -> bool:
+    def control(self, peer: str, op: str, expect_failure: bool = False, **meta: object) -> bool:
         return self.send(peer, Message(Kind.CONTROL, self.name, meta={"op": op, **meta},
-                                       timestamps={"sent": time.time()}))
+                                       timestamps={"sent": time.time()}), expect_failure)
 
     def stop(self) -> None:
         self.running = False

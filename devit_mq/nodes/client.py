@@ -117,7 +117,7 @@ class ClientNode(NodeBase):
             if alive is not None:
                 alive()
             if time.monotonic() - last_hello > 0.25:
-                self.control(self.aggregator, "hello")
+                self.control(self.aggregator, "hello", expect_failure=True)  # it may not be up yet
                 last_hello = time.monotonic()
             msg = self.receive(0.05)
             if msg is not None and msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
