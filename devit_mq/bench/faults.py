@@ -10,13 +10,11 @@ edges; on an edge, its feature (and heartbeat) sends to the aggregator.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 from devit_mq.nodes.launcher import Launcher, NodeProcess
 from devit_mq.topology import NodeSpec
-from devit_mq.transport import FaultyTransport, Transport, TransportError
+from devit_mq.transport import FaultyTransport, Transport
 
 
 class FaultSpecError(ValueError):
@@ -75,24 +73,9 @@ class FaultSpec:
         return cls(**{**data, "peers": tuple(peers) if peers is not None else None})
 
     def wrap(self, transport: Transport, seed: int = 0) -> FaultyTransport:
-        return LinkFaults(transport, drop=self.drop, delay_s=self.delay_ms / 1e3, jitter_s=self.jitter_ms / 1e3,
-                               duplicate=self.duplicate, corrupt=self.corrupt, seed=seed, peers=self.peers)
-
-
-class LinkFaults(FaultyTransport):
-    """A FaultyTransport whose delayed messages may meet a dead link: ``FaultyTransport`` sends them
-    from inside later ``send``/``recv`` calls, where the inner transport's TransportError would
-    surface in a *receive* and stop the node. Here such a message is dropped and counted
-    (``stats["lost_delayed"]``), as a link going down under a message in flight would do."""
-
-    def _release_due(self) -> None:
-        now = time.monotonic()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, peer, frames = heapq.heappop(self._delayed)
-            try:
-                self.inner.send(peer, frames)
-            except TransportError:
-                self.stats["lost_delayed"] = self.stats.get("lost_delayed", 0) + 1
+        return FaultyTransport(transport, drop=self.drop, delay_s=self.delay_ms / 1e3,
+                               jitter_s=self.jitter_ms / 1e3, duplicate=self.duplicate, corrupt=self.corrupt,
+                               seed=seed, peers=self.peers)
 
 
 class FaultLauncher(Launcher):
