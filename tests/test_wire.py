@@ -58,6 +58,7 @@ def tamper(msg: Message, payload: bytes | None = None, **changes: Any) -> list[b
     """Encode ``msg``, then edit header keys (value ``...`` deletes the key) and/or swap the payload."""
     head, body = encode(msg)
     header = msgpack.unpackb(head)
+    header.pop("x", None)  # the routing checksum would catch most edits first: test each field's own check
     for key, value in changes.items():
         if value is ...:
             header.pop(key, None)
@@ -551,3 +552,19 @@ def test_encode_array_and_decode_array_directly():
         decode_array(enc._replace(shape=[2, 1, 40]))
     assert info.value.field == "shape"
     assert set(CODECS) == {"raw", "fp32", "fp16", "bf16", "int8", "int8-block"}
+
+
+def test_routing_checksum_catches_a_corrupted_request_id():
+    msg = Message(Kind.FEATURES, "edge0", request_ids=(7, 8), reply_to="client-1",
+                  array=np.zeros((2, 1, 4), np.float32), meta={"part": 0})
+    head, body = encode(msg)
+    header = msgpack.unpackb(head)
+    assert decode([head, body]).request_ids == (7, 8)
+    ids = bytearray(header["i"])
+    ids[0] ^= 0x01  # one flipped bit turns request 7 into request 6
+    header["i"] = bytes(ids)
+    err = assert_wire_error("checksum", [msgpack.packb(header), body])
+    assert "corrupted" in str(err)
+    header["i"] = msgpack.unpackb(head)["i"]
+    header["r"] = "client-2"
+    assert_wire_error("checksum", [msgpack.packb(header), body])

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from devit_mq.wire import ARRAY_NDIM, MAGIC, Kind, Limits, Message, WireError, decode, encode, pack, unpack
 
 FIELDS = {"version", "kind", "source", "reply_to", "request_ids", "codec", "dtype", "shape", "block_size", "meta",
-          "timestamps", "header", "frames", "payload", "size", "scale", "array"}
-HEADER_KEYS = ["v", "k", "s", "r", "i", "c", "t", "h", "b", "m", "ts"]
+          "timestamps", "header", "frames", "payload", "size", "scale", "array", "checksum"}
+HEADER_KEYS = ["v", "k", "s", "r", "i", "c", "t", "h", "b", "m", "ts", "x"]
 LIMITS = [Limits(), Limits(allow_nonfinite=True), Limits(max_message_bytes=4096, max_batch=3, max_meta_bytes=64)]
 
 
