@@ -38,6 +38,7 @@ import numpy as np
 import yaml
 
 from devit_mq.metrics import percentiles, process_usage, rapl_energy_uj
+from devit_mq.nodes.client import latency_breakdown
 
 from . import report
 from .bundles import SHAPES, ensure_bundle, shapes_named
@@ -219,16 +220,8 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
                 teacher_lat[t] += teacher.latency(images[idx], t)
         log(f"  latency round {r + 1}/{len(chunks)} done")
     ok = [a for a in answers if a.ok]
-    lat_ms = [a.latency_s * 1e3 for a in ok]
-    compute = [a.stages.get("edge_compute_ms", 0.0) for a in ok]
-    overhead = [lat - c for lat, c in zip(lat_ms, compute, strict=True)]
     result: dict[str, Any] = {
-        "latency_ms": percentiles(lat_ms, (50, 90, 99)),
-        "edge_compute_ms": percentiles(compute),
-        "overhead_ms": percentiles(overhead),
-        "overhead_pct": percentiles([100 * o / lat for o, lat in zip(overhead, lat_ms, strict=True) if lat > 0]),
-        "stages_ms": {k: percentiles([a.stages.get(k, 0.0) for a in ok])
-                      for k in ("edge_compute_ms", "edge_queue_ms", "fuse_ms", "hold_ms")},
+        **latency_breakdown(answers),
         "latency_errors": len(answers) - len(ok), "latency_degraded": sum(a.degraded for a in ok),
     }
     result["throughput"] = {}

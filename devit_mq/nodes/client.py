@@ -13,9 +13,11 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from devit_mq.metrics import percentiles
 from devit_mq.transport import Transport
 from devit_mq.wire import Kind, Limits, Message
 
@@ -74,6 +76,25 @@ class Prediction:
     @property
     def degraded(self) -> int:
         return sum(a.degraded for a in self.answers)
+
+
+STAGES = ("edge_compute_ms", "edge_queue_ms", "fuse_ms", "hold_ms")
+
+
+def latency_breakdown(answers: Sequence[Answer]) -> dict[str, Any]:
+    """Percentiles of end-to-end latency, of the slowest edge's compute, and of the framework's
+    overhead (the difference), from the successful answers' own stage timers."""
+    ok = [a for a in answers if a.ok]
+    lat_ms = [a.latency_s * 1e3 for a in ok]
+    compute = [a.stages.get("edge_compute_ms", 0.0) for a in ok]
+    overhead = [lat - c for lat, c in zip(lat_ms, compute, strict=True)]
+    return {
+        "latency_ms": percentiles(lat_ms),
+        "edge_compute_ms": percentiles(compute),
+        "overhead_ms": percentiles(overhead),
+        "overhead_pct": percentiles([100 * o / lat for o, lat in zip(overhead, lat_ms, strict=True) if lat > 0]),
+        "stages_ms": {k: percentiles([a.stages.get(k, 0.0) for a in ok]) for k in STAGES},
+    }
 
 
 def default_client_name() -> str:

@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 from devit_mq.data import load_dataset
-from devit_mq.metrics import percentiles
 from devit_mq.model import Manifest, load_ensemble
 from devit_mq.topology import Topology
 from devit_mq.wire import Kind, Message, decode, encode
 
-from .client import ClientNode
+from .client import ClientNode, latency_breakdown
 
 
 @dataclass
@@ -90,12 +89,8 @@ def run_workload(client: ClientNode, split: TestSplit, latency_requests: int = 2
     start = time.perf_counter()
     bulk = client.predict(split.images, batch_size=batch_size, window=window)
     elapsed = time.perf_counter() - start
-    ok = [a for a in lat.answers if a.ok]
-    overhead = [(a.latency_s * 1e3 - a.stages.get("edge_compute_ms", 0.0)) for a in ok]
     return {
-        "latency_ms": {k: (v * 1e3 if k != "n" else v) for k, v in percentiles([a.latency_s for a in ok]).items()},
-        "edge_compute_ms": percentiles([a.stages.get("edge_compute_ms", 0.0) for a in ok]),
-        "overhead_ms": percentiles(overhead),
+        **latency_breakdown(lat.answers),
         "throughput_img_s": len(split.images) / elapsed,
         "labels": bulk.labels,
         "probabilities": bulk.probabilities,
