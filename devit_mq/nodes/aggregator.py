@@ -72,6 +72,7 @@ class AggregatorNode(NodeBase):
         self.pending: OrderedDict[Key, _Pending] = OrderedDict()
         self.answered: OrderedDict[Key, None] = OrderedDict()
         self.ready_parts: set[int] = set()
+        self._complete: list[Key] = []  # requests whose N feature sets are all in, not yet fused
         self.last_seen: dict[int, float] = {}
         self.node_metrics: dict[str, dict] = {}  # latest telemetry from each edge's heartbeat
         self.metrics.info = {"role": "aggregator", "policy": missing_policy, "deadline_ms": deadline_ms}
@@ -165,6 +166,8 @@ class AggregatorNode(NodeBase):
                 self.metrics.count("duplicate_features")
                 continue
             entry.parts[part] = arr[row]
+            if all(p is not None for p in entry.parts):
+                self._complete.append(key)
             for k, v in edge_ms.items():  # the slowest edge decides the latency
                 entry.timing[k] = max(entry.timing.get(k, 0.0), v)
 
@@ -179,7 +182,9 @@ class AggregatorNode(NodeBase):
 
     # -- fusing -----------------------------------------------------------------------------------
     def _fuse_complete(self) -> None:
-        done = [k for k, p in self.pending.items() if all(x is not None for x in p.parts)]
+        # only keys completed since the last call (not a scan of every pending request per message)
+        done = [k for k in self._complete if k in self.pending]
+        self._complete.clear()
         for lo in range(0, len(done), self.max_fuse_batch):
             self._fuse(done[lo: lo + self.max_fuse_batch], degraded=False)
 
