@@ -27,7 +27,8 @@ log = logging.getLogger("devit_mq.nodes.edge")
 @dataclass
 class _Job:
     msg: Message
-    received: float  # time.time() when decoded
+    received: float  # time.time() when decoded (travels in the timestamps)
+    received_perf: float  # perf_counter() at the same moment (for this process's own durations)
 
 
 class EdgeNode(NodeBase):
@@ -101,7 +102,7 @@ class EdgeNode(NodeBase):
         if msg is None:
             return None
         if msg.kind == Kind.IMAGE:
-            return _Job(msg, time.time())
+            return _Job(msg, time.time(), time.perf_counter())
         if msg.kind == Kind.CONTROL and msg.meta.get("op") == "shutdown":
             log.info("%s: shutdown requested by %s", self.name, msg.source)
             self.running = False
@@ -154,7 +155,7 @@ class EdgeNode(NodeBase):
                 Kind.FEATURES, self.name, request_ids=job.msg.request_ids, reply_to=job.msg.reply_to,
                 array=np.ascontiguousarray(features[offset: offset + n]), codec=self.codec,
                 meta={"part": self.part, "compute_ms": compute_s * 1e3, "batch": int(len(images)),
-                      "queue_ms": (start - _perf_offset(job.received)) * 1e3},
+                      "queue_ms": (start - job.received_perf) * 1e3},
                 timestamps=stamps))
             offset += n
 
@@ -167,7 +168,3 @@ class EdgeNode(NodeBase):
                                                meta={"part": self.part, "metrics": self.metrics.snapshot()},
                                                timestamps={"sent": now}))
 
-
-def _perf_offset(wall: float) -> float:
-    """Convert a ``time.time()`` stamp to the ``perf_counter`` clock (same process)."""
-    return time.perf_counter() - (time.time() - wall)
