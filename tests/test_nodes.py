@@ -9,7 +9,10 @@ import torch
 
 from devit_mq.model import load_ensemble, load_fusion, load_manifest, load_submodel
 from devit_mq.nodes import AggregatorNode, ClientNode, EdgeNode
+from devit_mq.nodes.auth import Roster
 from devit_mq.nodes.demo import wire_roundtrip
+from devit_mq.nodes.executor import TorchEdgeExecutor, TorchFusionExecutor
+from devit_mq.protocol import FeaturesMeta
 from devit_mq.transport import InprocHub, InprocTransport
 from devit_mq.wire import Kind, Message, encode
 
@@ -21,16 +24,20 @@ pytestmark = pytest.mark.timeout(60)
 class Cluster:
     """Aggregator + edges as threads on one in-process hub."""
 
-    def __init__(self, bundle, codec="fp32", start_edges=None, **agg_kwargs):
-        self.hub = InprocHub()
+    def __init__(self, bundle, codec="fp32", start_edges=None, authenticate=True, **agg_kwargs):
+        self.hub = InprocHub(authenticate=authenticate)
         manifest = load_manifest(bundle)
         n = manifest.num_parts
         self.edge_names = [f"edge{i}" for i in range(n)]
+        self.roster = Roster("aggregator", dict(enumerate(self.edge_names)), frozenset({"admin"}))
         agg_kwargs.setdefault("deadline_ms", 500)
+        fusion = load_fusion(bundle)
         self.aggregator = AggregatorNode("aggregator", InprocTransport(self.hub, "aggregator"),
-                                         load_fusion(bundle), dict(enumerate(self.edge_names)), **agg_kwargs)
-        self.edges = [EdgeNode(name, InprocTransport(self.hub, name), load_submodel(bundle, i), manifest.input,
-                               i, "aggregator", codec=codec, max_batch=4, max_wait_ms=2)
+                                         TorchFusionExecutor(fusion), fusion.config.in_dims,
+                                         fusion.config.num_prefix_tokens, self.roster, **agg_kwargs)
+        self.edges = [EdgeNode(name, InprocTransport(self.hub, name),
+                               TorchEdgeExecutor(load_submodel(bundle, i), manifest.input, 4),
+                               manifest.input.image_shape, i, self.roster, codec=codec, max_batch=4, max_wait_ms=2)
                       for i, name in enumerate(self.edge_names)]
         started = range(n) if start_edges is None else start_edges
         self.threads = [threading.Thread(target=self.aggregator.run, daemon=True)]
@@ -39,7 +46,7 @@ class Cluster:
             t.start()
 
     def client(self, timeout_s=10.0, name="client-1"):
-        return ClientNode(name, InprocTransport(self.hub, name), self.edge_names, "aggregator", timeout_s=timeout_s)
+        return ClientNode(name, InprocTransport(self.hub, name), self.roster, timeout_s=timeout_s)
 
     def __enter__(self):
         return self
@@ -111,47 +118,50 @@ def test_bad_image_shape_is_answered_with_an_error(bundle):
         bad = np.zeros((2, 8, 8, 1), np.uint8)
         pred = client.predict(bad, batch_size=2)
         assert len(pred.errors) == 2 and "bad_input" in pred.errors[0].error
-        assert "expected [B, (16, 16, 1)]" in pred.errors[0].error
+        assert "expected [B, 16, 16, 1]" in pred.errors[0].error
         # the nodes keep serving
         assert not client.predict(images(2)).errors
 
 
 def test_malformed_and_stray_messages_do_not_stop_nodes(bundle):
-    with Cluster(bundle) as cluster:
+    with Cluster(bundle, authenticate=False) as cluster:
         client = cluster.client()
         client.connect(20)
         junk = InprocTransport(cluster.hub, "junk")
         for peer in ["aggregator", "edge0", "edge1"]:
             junk.send(peer, [b"\x00garbage", b"x"])
             junk.send(peer, [b"only-one-frame"])
-        # features with a wrong width and an unknown part
+        # features with a wrong width (claiming to be the part's edge), from a non-owner, for an unknown part
+        junk.send("aggregator", encode(Message(Kind.FEATURES, "edge0", request_ids=(1,), reply_to="client-1",
+                                               array=np.zeros((1, 1, 7), np.float32), meta=FeaturesMeta(part=0))))
         junk.send("aggregator", encode(Message(Kind.FEATURES, "junk", request_ids=(1,), reply_to="client-1",
-                                               array=np.zeros((1, 1, 7), np.float32), meta={"part": 0})))
-        junk.send("aggregator", encode(Message(Kind.FEATURES, "junk", request_ids=(1,), reply_to="client-1",
-                                               array=np.zeros((1, 1, 32), np.float32), meta={"part": 9})))
+                                               array=np.zeros((1, 1, 32), np.float32), meta=FeaturesMeta(part=0))))
+        junk.send("aggregator", encode(Message(Kind.FEATURES, "edge0", request_ids=(1,), reply_to="client-1",
+                                               array=np.zeros((1, 1, 32), np.float32), meta=FeaturesMeta(part=9))))
         assert not client.predict(images(4), batch_size=2).errors
         deadline = time.time() + 5
         while cluster.aggregator.metrics.counters["wire_errors"] < 2 and time.time() < deadline:
             time.sleep(0.01)
         assert cluster.aggregator.metrics.counters["wire_errors"] >= 2
-        assert cluster.aggregator.metrics.counters["bad_features"] == 2
+        assert cluster.aggregator.metrics.counters["bad_features"] == 1
+        assert cluster.aggregator.metrics.counters["unauthorized"] == 2
         assert cluster.edges[0].metrics.counters["wire_errors"] >= 2
 
 
 def test_duplicate_and_late_features_are_dropped(bundle):
-    with Cluster(bundle, deadline_ms=100) as cluster:
+    with Cluster(bundle, deadline_ms=100, authenticate=False) as cluster:
         client = cluster.client()
         client.connect(20)
         pred = client.predict(images(1))
         rid = pred.answers[0].request_id
         late = InprocTransport(cluster.hub, "edge-replay")
         late.send("aggregator", encode(Message(Kind.FEATURES, "edge0", request_ids=(rid,), reply_to="client-1",
-                                               array=np.zeros((1, 1, 32), np.float32), meta={"part": 0})))
+                                               array=np.zeros((1, 1, 32), np.float32), meta=FeaturesMeta(part=0))))
         deadline = time.time() + 5
         while cluster.aggregator.metrics.counters["late_features"] < 1 and time.time() < deadline:
             time.sleep(0.01)
         assert cluster.aggregator.metrics.counters["late_features"] == 1
-        assert not cluster.aggregator.pending
+        assert not cluster.aggregator.table.pending
         assert client.collect(0.3) == []  # no second answer
 
 
@@ -164,7 +174,7 @@ def test_pending_state_is_bounded(bundle):
         while len(answers) < 2 and time.time() < deadline:
             answers += client.collect(0.1)
         assert sorted(a.error.split(":")[0] for a in answers) == ["overloaded", "overloaded"]
-        assert len(cluster.aggregator.pending) == 3
+        assert len(cluster.aggregator.table.pending) == 3
     # shutdown answers whatever is still open: every request gets exactly one answer
     rest = client.collect(1.0)
     assert len(rest) == 3 and all(a.error.startswith("shutdown") for a in rest)
@@ -172,7 +182,7 @@ def test_pending_state_is_bounded(bundle):
 
 def test_client_times_out_instead_of_hanging(bundle):
     hub = InprocHub()
-    client = ClientNode("c", InprocTransport(hub, "c"), ["edge0", "edge1"], "aggregator", timeout_s=0.3)
+    client = ClientNode("c", InprocTransport(hub, "c"), Roster("aggregator", {0: "edge0", 1: "edge1"}), timeout_s=0.3)
     for name in ["edge0", "edge1", "aggregator"]:
         InprocTransport(hub, name)  # peers exist but nobody serves
     start = time.monotonic()
@@ -199,9 +209,9 @@ def test_client_skips_an_edge_that_refused_a_send_for_a_while():
     hub = InprocHub()
     for name in ["edge0", "aggregator"]:
         InprocTransport(hub, name)
-    client = ClientNode("c", InprocTransport(hub, "c"), ["edge0", "ghost"], "aggregator", timeout_s=1)
+    client = ClientNode("c", InprocTransport(hub, "c"), Roster("aggregator", {0: "edge0", 1: "ghost"}), timeout_s=1)
     client.submit(images(1))
     client.submit(images(1))
-    assert client.metrics.counters["send_failed.ghost"] == 1
+    assert client.metrics.counters["send_failed.ghost"] == 1  # a topology node: counted by name
     assert client.metrics.counters["skipped.ghost"] == 1
     assert client.metrics.counters["sent.image"] == 2  # edge0 twice, ghost never

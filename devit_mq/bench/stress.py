@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from devit_mq.metrics import percentiles
-from devit_mq.transport import Transport
+from devit_mq.transport import Inbound, Transport
 from devit_mq.wire import Kind, WireError, decode
 
 from . import report
@@ -183,16 +183,16 @@ class AnswerTap(Transport):
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
         self.inner.send(peer, frames)
 
-    def recv(self, timeout: float | None = None) -> list[bytes] | None:
-        frames = self.inner.recv(timeout)
-        if frames is not None:
+    def recv(self, timeout: float | None = None) -> Inbound | None:
+        inbound = self.inner.recv(timeout)
+        if inbound is not None:
             try:
-                msg = decode(frames)
+                msg = decode(inbound.frames)
             except WireError:
-                return frames  # the client counts and drops it
+                return inbound  # the client counts and drops it
             if msg.kind in (Kind.RESULT, Kind.ERROR):
                 self.ledger.tap(self.node, msg.request_ids)
-        return frames
+        return inbound
 
     def close(self) -> None:
         self.inner.close()

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from devit_mq.protocol import FeaturesMeta
 from devit_mq.wire import Kind, Limits, Message, decode, encode
 
 RAW_TAG = 0x5241  # raw mpi4py traffic: a tag the MPI transport never receives
@@ -52,7 +53,7 @@ class RateCase:
         if self.kind == "features":
             arr = np.random.default_rng(0).standard_normal(self.shape).astype(np.float32)
             return Message(Kind.FEATURES, "edge0", request_ids=(1,), array=arr, codec="fp32", reply_to="client",
-                           meta={"part": 0, "compute_ms": 1.0, "batch": 1, "queue_ms": 0.0},
+                           meta=FeaturesMeta(part=0, compute_ms=1.0, batch=1, queue_ms=0.0),
                            timestamps={"client_sent": 1.0, "edge_recv": 1.0, "edge_sent": 1.0})
         arr = np.random.default_rng(0).integers(0, 256, self.shape, dtype=np.uint8)
         return Message(Kind.IMAGE, "client", request_ids=(1,), array=arr, codec="raw", reply_to="client",
@@ -197,10 +198,10 @@ def _zmq_receiver(spec: dict[str, Any]) -> None:
             timer = _Timer(spec["warmup"], n)
             while True:
                 if path == "ours":
-                    frames = ours[kind].recv(RECV_TIMEOUT_S)
-                    if frames is None:
+                    inbound = ours[kind].recv(RECV_TIMEOUT_S)
+                    if inbound is None:
                         raise RateError(f"zmq {case_name}: no message for {RECV_TIMEOUT_S:g}s")
-                    decode(frames, limits)
+                    decode(inbound.frames, limits)
                 else:
                     if not raw.poll(int(RECV_TIMEOUT_S * 1000)):
                         raise RateError(f"raw zmq {case_name}: no message for {RECV_TIMEOUT_S:g}s")
@@ -306,10 +307,10 @@ def _mpi_rank(spec: dict[str, Any]) -> None:
             buf = bytearray(size)
             while True:
                 if path == "ours":
-                    frames = transport.recv(RECV_TIMEOUT_S)
-                    if frames is None:
+                    inbound = transport.recv(RECV_TIMEOUT_S)
+                    if inbound is None:
                         raise RateError(f"mpi {case_name}: no message for {RECV_TIMEOUT_S:g}s")
-                    decode(frames, limits)
+                    decode(inbound.frames, limits)
                 else:
                     comm.Recv([buf, MPI.BYTE], source=src, tag=RAW_TAG)
                 if not timer.tick():

@@ -30,10 +30,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from devit_mq.protocol import FEATURE_CODECS, FeaturesMeta
 from devit_mq.wire import Kind, Message, decode, encode
 from devit_mq.wire import codecs as wire_codecs
 
-CODECS = ("fp32", "fp16", "bf16", "int8", "int8-block")
+CODECS = FEATURE_CODECS
 BLOCK_SIZE = 32
 TARGET_TIME_RATIO = 1.5
 TARGET_INT8_SHRINK = 3.5
@@ -42,10 +43,11 @@ TARGET_INT8_SHRINK = 3.5
 def feature_message(array: np.ndarray, codec: str, typical_header: bool) -> Message:
     ids = tuple(range(1_000_000, 1_000_000 + array.shape[0]))
     if not typical_header:
-        return Message(Kind.FEATURES, "edge0", ids, array, codec=codec, block_size=BLOCK_SIZE)
+        return Message(Kind.FEATURES, "edge0", ids, array, codec=codec, block_size=BLOCK_SIZE,
+                       meta=FeaturesMeta(part=0))
     now = time.time()
     return Message(Kind.FEATURES, "edge0", ids, array, codec=codec, block_size=BLOCK_SIZE, reply_to="client-12345",
-                   meta={"part": 0}, timestamps={"client_sent": now, "edge_recv": now, "edge_sent": now})
+                   meta=FeaturesMeta(part=0), timestamps={"client_sent": now, "edge_recv": now, "edge_sent": now})
 
 
 def bare_roundtrip(array: np.ndarray) -> Callable[[], np.ndarray]:

@@ -16,7 +16,9 @@ import yaml
 
 from ..data import AugmentConfig
 from ..model import ConfigError, ViTConfig
+from ..yamlio import DuplicateKeyError, load_strict
 
+# The feature codecs (devit_mq.protocol.FEATURE_CODECS) that fusion training simulates per batch.
 CODECS = ("fp32", "fp16", "int8")
 FINETUNE_MODES = ("joint", "frozen")
 
@@ -243,7 +245,9 @@ def load_config(path: str | Path) -> DEKDConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_strict(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     data = {} if data is None else data

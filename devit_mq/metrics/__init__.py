@@ -14,6 +14,18 @@ from typing import Any
 import numpy as np
 import psutil
 
+from devit_mq.protocol import (
+    MAX_COUNTERS,
+    MAX_INFO,
+    MAX_KEY_LEN,
+    MAX_LINKS,
+    MAX_STAGES,
+    OTHER,
+    Percentiles,
+    Telemetry,
+    to_builtins,
+)
+
 __all__ = ["Metrics", "percentiles", "rapl_energy_uj", "process_usage"]
 
 _RAPL_ROOT = Path("/sys/class/powercap")
@@ -51,32 +63,58 @@ def process_usage(proc: psutil.Process | None = None) -> dict[str, float]:
     return {"cpu_s": cpu.user + cpu.system, "rss_mb": proc.memory_info().rss / 2**20}
 
 
+class _BoundedCounts(dict):
+    """A dict of counts that holds at most ``cap`` keys: a key past the cap is counted under
+    :data:`~devit_mq.protocol.OTHER`, so no peer can grow a node's telemetry by inventing names."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def __missing__(self, key: str) -> int:  # reads of an unseen counter are 0 (and add nothing)
+        return 0
+
+    def add(self, key: str, n: int) -> None:
+        if key not in self:
+            key = key[:MAX_KEY_LEN]
+            if key not in self and len(self) >= self.cap:
+                key = OTHER  # the one key past the cap (the schema allows cap + 1)
+        self[key] = self.get(key, 0) + n
+
+
 class Metrics:
     """Counters, byte totals and duration samples for one node.
 
-    Samples are kept in bounded ring buffers (``max_samples`` per stage), so a node that runs for days
-    does not grow: percentiles describe the most recent samples, counters are totals.
+    Bounded by construction: at most :data:`~devit_mq.protocol.MAX_COUNTERS` counters,
+    ``MAX_LINKS`` byte counters and ``MAX_STAGES`` stages (more keys fold into ``other``), and
+    samples in ring buffers of ``max_samples`` per stage, so a node that runs for days does not grow
+    and its :meth:`telemetry` always fits its schema: percentiles describe the most recent samples,
+    counters are totals.
     """
 
     def __init__(self, node: str, max_samples: int = 20000) -> None:
         self.node = node
         self.max_samples = max_samples
-        self.counters: dict[str, int] = defaultdict(int)
-        self.bytes: dict[str, int] = defaultdict(int)
-        self._samples: dict[str, list[float]] = defaultdict(list)
+        self.counters = _BoundedCounts(MAX_COUNTERS)
+        self.bytes = _BoundedCounts(MAX_LINKS)
+        self._samples: dict[str, list[float]] = {}
         self._cursor: dict[str, int] = defaultdict(int)
         self.started = time.time()
         self._peak_rss_mb = 0.0
         self.info: dict[str, Any] = {}  # static facts worth reporting (role, backend, threads, pid)
 
     def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] += n
+        self.counters.add(name, n)
 
     def add_bytes(self, link: str, n: int) -> None:
-        self.bytes[link] += n
+        self.bytes.add(link, n)
 
     def observe(self, stage: str, seconds: float) -> None:
-        buf = self._samples[stage]
+        buf = self._samples.get(stage)
+        if buf is None:
+            if len(self._samples) >= MAX_STAGES:
+                return  # stage names are the code's own: a cap hit is a bug, not an attack
+            buf = self._samples[stage[:MAX_KEY_LEN]] = []
         if len(buf) < self.max_samples:
             buf.append(seconds)
         else:  # ring buffer: overwrite the oldest sample
@@ -91,22 +129,29 @@ class Metrics:
         finally:
             self.observe(stage, time.perf_counter() - start)
 
-    def snapshot(self) -> dict[str, Any]:
+    def _info(self) -> dict[str, Any]:
+        out = {}
+        for key, value in list(self.info.items())[:MAX_INFO]:
+            if not isinstance(value, (bool, int, float)) and value is not None:
+                value = str(value)[:128]
+            out[str(key)[:MAX_KEY_LEN]] = value
+        return out
+
+    def telemetry(self) -> Telemetry:
+        """This node's figures as the protocol's bounded :class:`~devit_mq.protocol.Telemetry`."""
         usage = process_usage()
         self._peak_rss_mb = max(self._peak_rss_mb, usage["rss_mb"])
-        return {
-            "node": self.node,
-            "pid": os.getpid(),
-            "info": dict(self.info),
-            "uptime_s": time.time() - self.started,
-            "counters": dict(self.counters),
-            "bytes": dict(self.bytes),
-            "stages_ms": {k: {q: (v * 1e3 if q != "n" else v) for q, v in percentiles(s).items()}
-                          for k, s in self._samples.items()},
-            "cpu_s": usage["cpu_s"],
-            "rss_mb": usage["rss_mb"],
-            "peak_rss_mb": self._peak_rss_mb,
-        }
+        stages = {}
+        for k, samples in self._samples.items():
+            p = percentiles(samples)
+            stages[k] = Percentiles(n=p["n"], **{q: p[q] * 1e3 for q in ("p50", "p90", "p99", "mean") if q in p})
+        return Telemetry(node=self.node, pid=os.getpid(), info=self._info(), uptime_s=time.time() - self.started,
+                         counters=dict(self.counters), bytes=dict(self.bytes), stages_ms=stages,
+                         cpu_s=usage["cpu_s"], rss_mb=usage["rss_mb"], peak_rss_mb=self._peak_rss_mb)
+
+    def snapshot(self) -> dict[str, Any]:
+        """:meth:`telemetry` as plain dicts (for JSON reports)."""
+        return to_builtins(self.telemetry())
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.snapshot(), indent=2) + "\n")

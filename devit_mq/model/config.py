@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ATTENTION_BACKENDS = ("torch", "naive", "numba", "cuda", "auto")
+from devit_mq.protocol import ATTENTION_BACKENDS  # one list for the model and the topology
+
 POS_EMBEDS = ("learn", "sincos")
 STEMS = ("patch", "conv")
 

@@ -1,52 +1,61 @@
 """The aggregator: join the edges' tokens by request id, fuse, answer every request exactly once.
 
-A request is fused when all N feature sets are in, or when its deadline passes (or every edge it still
-waits for has gone silent). Then the missing-edge policy applies: ``degrade`` zero-fills the missing
-tokens (the fusion head is trained for it with feature dropout) and flags the answer, ``error``
-answers with an explicit error. State is bounded: at most ``max_pending`` open requests (the oldest is
-expired first) and a bounded memory of answered ids to drop late or duplicated features.
+A thin loop over three parts: the protocol (typed, authorized messages from :class:`NodeBase`), the
+policy (:class:`~devit_mq.nodes.join.JoinTable`: the deadline-aware join) and the executor (a
+:class:`~devit_mq.nodes.executor.FusionExecutor`). A request is fused when all N feature sets are in,
+or when its deadline passes (or every edge it still waits for has gone silent); then the
+missing-edge policy applies: ``degrade`` zero-fills the missing tokens (the fusion head is trained
+for it with feature dropout) and flags the answer, ``error`` answers with an explicit error.
+
+Answers go to the connection a client said hello on (:class:`~devit_mq.nodes.auth.ClientTable`),
+never to whoever claims its name. Every table is bounded: open requests (``max_pending``), answered
+keys, bound clients, and per-edge state keyed by the topology's parts only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from devit_mq.model import FusionHead
-from devit_mq.transport import Transport
-from devit_mq.wire import Kind, Limits, Message
+from devit_mq.protocol import (
+    ErrorMeta,
+    FeaturesMeta,
+    Hello,
+    Kind,
+    Ready,
+    ResultMeta,
+    Shutdown,
+    StageTimes,
+    Status,
+    StatusQuery,
+    Telemetry,
+)
+from devit_mq.transport import Peer, Transport
+from devit_mq.wire import Limits, Message
 
+from .auth import ClientTable, Roster
 from .base import EDGE_SILENCE_S, NodeBase
+from .executor import FusionExecutor
+from .join import JoinTable, Key, Pending
 
 log = logging.getLogger("devit_mq.nodes.aggregator")
-
-Key = tuple[str, int]  # (client, request id): ids are unique per client
-
-
-@dataclass
-class _Pending:
-    parts: list[np.ndarray | None]
-    first_seen: float  # time.monotonic()
-    timing: dict[str, float] = field(default_factory=dict)
-
-    def missing(self) -> list[int]:
-        return [i for i, p in enumerate(self.parts) if p is None]
 
 
 class AggregatorNode(NodeBase):
     role = "aggregator"
+    accepts = frozenset({Kind.FEATURES, Kind.ERROR, Kind.HEARTBEAT, Kind.CONTROL})
 
     def __init__(
         self,
         name: str,
         transport: Transport,
-        fusion: FusionHead,
-        edges: dict[int, str],
+        fusion: FusionExecutor,
+        in_dims: Sequence[int],
+        num_prefix: int,
+        roster: Roster,
         deadline_ms: float = 1000.0,
         missing_policy: str = "degrade",
         max_pending: int = 10000,
@@ -54,170 +63,154 @@ class AggregatorNode(NodeBase):
         limits: Limits | None = None,
         info: dict | None = None,
     ) -> None:
-        super().__init__(name, transport, limits)
+        super().__init__(name, transport, roster, limits)
         if missing_policy not in ("degrade", "error"):
             raise ValueError(f"missing_policy must be 'degrade' or 'error', got {missing_policy!r}")
-        self.fusion = fusion.eval()
-        cfg = fusion.config
-        self.in_dims = cfg.in_dims
-        self.num_prefix = cfg.num_prefix_tokens
-        self.edges = dict(edges)  # part -> edge name
-        if sorted(self.edges) != list(range(cfg.num_parts)):
-            raise ValueError(f"edges must cover parts 0..{cfg.num_parts - 1}, got {sorted(self.edges)}")
-        self.deadline_s = deadline_ms / 1e3
+        self.fusion = fusion
+        self.in_dims = list(in_dims)
+        self.num_prefix = num_prefix
+        if sorted(roster.owners) != list(range(len(self.in_dims))):
+            raise ValueError(f"edges must cover parts 0..{len(self.in_dims) - 1}, got {sorted(roster.owners)}")
+        self.num_parts = len(self.in_dims)
         self.policy = missing_policy
-        self.max_pending = max_pending
         self.max_fuse_batch = max_fuse_batch
-        self.info = dict(info or {})
-        self.pending: OrderedDict[Key, _Pending] = OrderedDict()
-        self.answered: OrderedDict[Key, None] = OrderedDict()
+        self.table = JoinTable(self.num_parts, deadline_ms / 1e3, max_pending, count=self.metrics.count)
+        self.clients = ClientTable()
+        self.info = dict(info or {})  # classes, codec, image_shape, instance: what a status reply says
         self.ready_parts: set[int] = set()
-        self._complete: list[Key] = []  # requests whose N feature sets are all in, not yet fused
-        self.last_seen: dict[int, float] = {}
-        self.node_metrics: dict[str, dict] = {}  # latest telemetry from each edge's heartbeat
+        self.last_seen: dict[int, float] = {}  # part -> time.monotonic() of its edge's last message
+        self.edge_telemetry: dict[str, Telemetry] = {}  # latest heartbeat of each edge (by owner name)
         self.metrics.info = {"role": "aggregator", "policy": missing_policy, "deadline_ms": deadline_ms}
 
-    # -- main loop --------------------------------------------------------------------------------
+    # -- loop -----------------------------------------------------------------------------------
     def run(self) -> None:
         try:
             while self.running:
-                msg = self.receive(self._wait_time())
-                if msg is not None:
-                    self._dispatch(msg)
-                    # drain what is already queued before fusing: fuse in batches, not one by one
-                    for _ in range(256):
-                        msg = self.receive(0)
-                        if msg is None:
-                            break
-                        self._dispatch(msg)
+                msg = self.receive(self.table.wait_s(time.monotonic()))
+                drained = 0
+                # drain what is already queued before fusing: fuse in batches, not one by one
+                while msg is not None:
+                    self.handle_safely(self._dispatch, msg)
+                    drained += 1
+                    msg = self.receive(0) if drained < 256 and self.running else None
                 self._fuse_complete()
                 self._expire(time.monotonic())
         finally:
             self._answer_all_pending("aggregator shutting down")
 
-    def _wait_time(self) -> float:
-        if not self.pending:
-            return 0.2
-        oldest = next(iter(self.pending.values()))
-        return min(max(oldest.first_seen + self.deadline_s - time.monotonic(), 0.0), 0.05)
-
     def _dispatch(self, msg: Message) -> None:
-        part = msg.meta.get("part")
-        if isinstance(part, int) and part in self.edges:
-            self.last_seen[part] = time.monotonic()
-        if msg.kind == Kind.FEATURES:
+        kind, meta = msg.kind, msg.meta
+        if kind == Kind.FEATURES:
             self._on_features(msg)
-        elif msg.kind == Kind.ERROR:
+        elif kind == Kind.ERROR:
             self._on_error(msg)
-        elif msg.kind == Kind.HEARTBEAT:
-            if isinstance(part, int) and part in self.edges:
-                self.ready_parts.add(part)
-                if isinstance(msg.meta.get("metrics"), dict):
-                    self.node_metrics[msg.source] = msg.meta["metrics"]
-        elif msg.kind == Kind.CONTROL:
-            self._on_control(msg)
-        else:
-            self.metrics.count("ignored_messages")
-
-    # -- handlers ---------------------------------------------------------------------------------
-    def _on_control(self, msg: Message) -> None:
-        op = msg.meta.get("op")
-        if op == "ready":
-            part = msg.meta.get("part")
-            if part in self.edges:
-                self.ready_parts.add(part)
-                log.info("%s: edge %s (part %s) is ready", self.name, msg.source, part)
-        elif op in ("hello", "status"):
-            nodes = {**self.node_metrics, self.name: self.metrics.snapshot()}
-            self.control(msg.source, "status", ready=sorted(self.ready_parts), parts=len(self.edges),
-                         pending=len(self.pending), nodes=nodes, **self.info)
-        elif op == "shutdown":
+        elif kind == Kind.HEARTBEAT:
+            self.last_seen[meta.part] = time.monotonic()
+            self.ready_parts.add(meta.part)
+            if meta.telemetry is not None:
+                self.edge_telemetry[msg.source] = meta.telemetry
+        elif isinstance(meta, Ready):
+            self.last_seen[meta.part] = time.monotonic()
+            self.ready_parts.add(meta.part)
+            log.info("%s: edge %s (part %s) is ready", self.name, msg.source, meta.part)
+        elif isinstance(meta, Hello):
+            self._on_hello(msg)
+        elif isinstance(meta, StatusQuery):
+            self.control(self.last_peer, self.status())
+        elif isinstance(meta, Shutdown):
             log.info("%s: shutdown requested by %s", self.name, msg.source)
             self.running = False
         else:
             self.metrics.count("ignored_messages")
 
-    def _on_features(self, msg: Message) -> None:
-        part = msg.meta.get("part")
-        arr = msg.array
-        if part not in self.edges:
-            self.metrics.count("bad_features")
-            log.warning("%s: features from %s name unknown part %r", self.name, msg.source, part)
+    # -- handlers ---------------------------------------------------------------------------------
+    def _on_hello(self, msg: Message) -> None:
+        peer = self.last_peer
+        assert peer is not None
+        if not self.clients.bind(msg.source, peer, alive=self._probe):
+            self.metrics.count("identity_conflicts")
+            self.log.warning("identity", "%s: refused hello from a second connection claiming %r (its first "
+                             "connection is alive)", self.name, msg.source)
             return
+        self.control(peer, self.status())
+
+    def _probe(self, old: Peer) -> bool:
+        """Is a bound connection still there? A status reply to it either goes out or fails at once
+        (a vanished ROUTER peer is refused immediately)."""
+        return self.control(old, self.status(), expect_failure=True)
+
+    def status(self) -> Status:
+        nodes = {**self.edge_telemetry, self.name: self.metrics.telemetry()}
+        return Status(ready=sorted(self.ready_parts), parts=self.num_parts, pending=len(self.table.pending),
+                      nodes=nodes, classes=list(self.info.get("classes", [])), codec=str(self.info.get("codec", "")),
+                      image_shape=list(self.info.get("image_shape", [])), instance=str(self.info.get("instance", "")))
+
+    def _on_features(self, msg: Message) -> None:
+        meta: FeaturesMeta = msg.meta
+        part, arr = meta.part, msg.array
+        self.last_seen[part] = time.monotonic()
         expected = (self.num_prefix, self.in_dims[part])
-        if arr is None or arr.ndim != 3 or tuple(arr.shape[1:]) != expected or len(arr) != len(msg.request_ids):
+        if tuple(arr.shape[1:]) != expected:
             self.metrics.count("bad_features")
-            log.warning("%s: features from %s have shape %s, expected [%d, %s]", self.name, msg.source,
-                        None if arr is None else arr.shape, len(msg.request_ids), expected)
+            self.log.warning("features.shape", "%s: features from %s have shape %s, expected [%d, %s]", self.name,
+                             msg.source, arr.shape, len(msg.request_ids), expected)
             return
         now = time.monotonic()
-        edge_ms = {"edge_compute_ms": float(msg.meta.get("compute_ms", 0.0)),
-                   "edge_queue_ms": float(msg.meta.get("queue_ms", 0.0))}
         for row, rid in enumerate(msg.request_ids):
-            key = (msg.reply_to, rid)
-            if key in self.answered:
-                self.metrics.count("late_features")
-                continue
-            entry = self.pending.get(key)
-            if entry is None:
-                entry = self.pending[key] = _Pending([None] * len(self.edges), now)
-                self._bound_pending()
-            if entry.parts[part] is not None:
-                self.metrics.count("duplicate_features")
-                continue
-            entry.parts[part] = arr[row]
-            if all(p is not None for p in entry.parts):
-                self._complete.append(key)
-            for k, v in edge_ms.items():  # the slowest edge decides the latency
-                entry.timing[k] = max(entry.timing.get(k, 0.0), v)
+            evicted = self.table.add((msg.reply_to, rid), part, arr[row], meta.compute_ms, meta.queue_ms, now)
+            for key in evicted:
+                self._send_error(key[0], [key[1]], "overloaded",
+                                 f"aggregator holds more than {self.table.max_pending} open requests")
 
     def _on_error(self, msg: Message) -> None:
-        code = str(msg.meta.get("code", "error"))
-        text = str(msg.meta.get("message", ""))
+        meta: ErrorMeta = msg.meta
         keys = [(msg.reply_to, rid) for rid in msg.request_ids]
-        fresh = [k for k in keys if k not in self.answered]
+        fresh = [k for k in keys if not self.table.is_answered(k)]
         for k in fresh:
-            self.pending.pop(k, None)
-        self._send_error(msg.reply_to, [k[1] for k in fresh], code, text)
+            self.table.drop(k)
+        self._send_error(msg.reply_to, [k[1] for k in fresh], meta.code, meta.message)
 
     # -- fusing -----------------------------------------------------------------------------------
     def _fuse_complete(self) -> None:
-        # only keys completed since the last call (not a scan of every pending request per message)
-        done = [k for k in self._complete if k in self.pending]
-        self._complete.clear()
+        done = self.table.take_complete()
         for lo in range(0, len(done), self.max_fuse_batch):
-            self._fuse(done[lo: lo + self.max_fuse_batch], degraded=False)
+            self._fuse(done[lo: lo + self.max_fuse_batch])
 
     def _expire(self, now: float) -> None:
         silent = {p for p, t in self.last_seen.items() if now - t > EDGE_SILENCE_S}
-        expired = []
-        for key, entry in self.pending.items():
-            overdue = now - entry.first_seen >= self.deadline_s
-            if overdue or (silent and set(entry.missing()) <= silent):
-                expired.append(key)
-            elif not silent:
-                break  # entries are in arrival order: the rest are younger
+        expired = self.table.due(now, silent)
         if not expired:
             return
         if self.policy == "degrade":
             for lo in range(0, len(expired), self.max_fuse_batch):
-                self._fuse(expired[lo: lo + self.max_fuse_batch], degraded=True)
+                self._fuse(expired[lo: lo + self.max_fuse_batch])
         else:
-            for key in expired:
-                missing = self.pending.pop(key).missing()
+            for key, entry in zip(expired, self.table.pop(expired), strict=True):
                 self._send_error(key[0], [key[1]], "missing_features",
-                                 f"no features from parts {missing} before the deadline")
+                                 f"no features from parts {entry.missing()} before the deadline")
 
-    def _fuse(self, keys: list[Key], degraded: bool) -> None:
-        entries = [self.pending.pop(k) for k in keys]
-        start = time.perf_counter()
-        columns = []
+    def _stack(self, entries: list[Pending]) -> np.ndarray:
+        """float32 [B, P, sum(D_i)]: each part's tokens, zeros where a part is missing."""
+        out = np.zeros((len(entries), self.num_prefix, sum(self.in_dims)), np.float32)
+        lo = 0
         for part, dim in enumerate(self.in_dims):
-            zeros = np.zeros((self.num_prefix, dim), np.float32)
-            columns.append(np.stack([e.parts[part] if e.parts[part] is not None else zeros for e in entries]))
-        features = torch.from_numpy(np.concatenate(columns, axis=-1).astype(np.float32, copy=False))
-        with torch.inference_mode():
-            probs = self.fusion(features).softmax(dim=-1).numpy()
+            for i, e in enumerate(entries):
+                if e.parts[part] is not None:
+                    out[i, :, lo: lo + dim] = e.parts[part]
+            lo += dim
+        return out
+
+    def _fuse(self, keys: list[Key]) -> None:
+        entries = self.table.pop(keys)
+        start = time.perf_counter()
+        try:
+            probs = self.fusion.fuse(self._stack(entries))
+        except Exception as exc:  # noqa: BLE001 -- a failed fusion answers its requests with an error
+            self.metrics.count("fusion_errors")
+            self.log.log(logging.ERROR, "fusion", "%s: fusion failed: %s", self.name, exc, exc_info=True)
+            for key in keys:
+                self._send_error(key[0], [key[1]], "error", f"fusion failed: {exc}"[:1000])
+            return
         fuse_ms = (time.perf_counter() - start) * 1e3
         self.metrics.observe("fuse", fuse_ms / 1e3)
         now = time.monotonic()
@@ -225,46 +218,43 @@ class AggregatorNode(NodeBase):
         for i, key in enumerate(keys):
             by_client.setdefault(key[0], []).append(i)
         for client, rows in by_client.items():
-            stages = []
-            for i in rows:
-                timing = dict(entries[i].timing)
-                timing.update(fuse_ms=fuse_ms, hold_ms=(now - entries[i].first_seen) * 1e3)
-                stages.append(timing)
             missing = [entries[i].missing() for i in rows]
-            self.send(client, Message(
-                Kind.RESULT, self.name, request_ids=tuple(keys[i][1] for i in rows), reply_to=client,
-                array=np.ascontiguousarray(probs[rows]), codec="fp32",
-                meta={"labels": [int(probs[i].argmax()) for i in rows],
-                      "degraded": [bool(m) for m in missing], "missing": missing, "stages": stages},
-                timestamps={"agg_sent": time.time()}))
+            stages = [StageTimes(edge_compute_ms=entries[i].edge_compute_ms, edge_queue_ms=entries[i].edge_queue_ms,
+                                 fuse_ms=fuse_ms, hold_ms=(now - entries[i].first_seen) * 1e3) for i in rows]
+            meta = ResultMeta(labels=[int(probs[i].argmax()) for i in rows], degraded=[bool(m) for m in missing],
+                              missing=missing, stages=stages)
+            self._to_client(client, Message(Kind.RESULT, self.name, request_ids=tuple(keys[i][1] for i in rows),
+                                            reply_to=client, array=np.ascontiguousarray(probs[rows]), codec="fp32",
+                                            meta=meta, timestamps={"agg_sent": time.time()}))
             self.metrics.count("answered", len(rows))
-            if degraded:
-                self.metrics.count("degraded", sum(1 for m in missing if m))
+            self.metrics.count("degraded", sum(1 for m in missing if m))
         for key in keys:
-            self._remember(key)
+            self.table.remember(key)
 
-    # -- bookkeeping ------------------------------------------------------------------------------
+    # -- answering --------------------------------------------------------------------------------
+    def _to_client(self, client: str, msg: Message) -> bool:
+        peer = self.clients.route(client)
+        if peer is None:
+            self.metrics.count("unroutable")
+            self.log.warning("unroutable", "%s: no connection for client %r (it never said hello): answer dropped",
+                             self.name, client)
+            return False
+        if not self.send(peer, msg):
+            self.clients.forget(client)  # that connection is gone: the next hello may bind the name
+            return False
+        return True
+
     def _send_error(self, client: str, ids: list[int], code: str, text: str) -> None:
         if not ids:
             return
-        self.send(client, Message(Kind.ERROR, self.name, request_ids=tuple(ids), reply_to=client,
-                                  meta={"code": code, "message": text}))
+        self._to_client(client, Message(Kind.ERROR, self.name, request_ids=tuple(ids), reply_to=client,
+                                        meta=ErrorMeta(code=code, message=text[:1000])))
         self.metrics.count(f"errors.{code}", len(ids))
         for rid in ids:
-            self._remember((client, rid))
-
-    def _remember(self, key: Key) -> None:
-        self.answered[key] = None
-        while len(self.answered) > 4 * self.max_pending:
-            self.answered.popitem(last=False)
-
-    def _bound_pending(self) -> None:
-        while len(self.pending) > self.max_pending:
-            key, entry = self.pending.popitem(last=False)
-            self._send_error(key[0], [key[1]], "overloaded",
-                             f"aggregator holds more than {self.max_pending} open requests")
+            self.table.remember((client, rid))
 
     def _answer_all_pending(self, reason: str) -> None:
-        for key in list(self.pending):
-            self.pending.pop(key)
+        keys = list(self.table.pending)
+        self.table.pop(keys)
+        for key in keys:
             self._send_error(key[0], [key[1]], "shutdown", reason)

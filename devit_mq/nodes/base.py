@@ -1,5 +1,13 @@
-"""What every node loop shares: sending/receiving wire messages over *some* transport, counting what
-happens, and a stop flag. Node logic never knows which transport carries its messages."""
+"""What every node loop shares: receive -> decode -> authorize -> handle, send, count, stop.
+
+A node is a thin loop: the transport gives frames and who sent them, the protocol (:mod:`devit_mq.wire`
+with :mod:`devit_mq.protocol`'s schemas) turns frames into a typed :class:`Message` or a
+:class:`WireError`, the :class:`~devit_mq.nodes.auth.Authorizer` decides whether that peer may send
+it, and only then does a handler see it. Nothing a peer sends can stop the loop: decode and
+authorization failures are counted and dropped, and :meth:`NodeBase.handle_safely` is the last-resort
+guard around every handler (``handler_errors``). Every log line a peer can provoke is rate-limited.
+Node logic never knows which transport carries its messages.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,13 @@ import logging
 import os
 import time
 
+from devit_mq.logs import RateLimitedLog
 from devit_mq.metrics import Metrics
-from devit_mq.transport import Transport, TransportError
-from devit_mq.wire import Kind, Limits, Message, WireError, decode, encode
+from devit_mq.protocol import OTHER, ControlOp, Kind
+from devit_mq.transport import Peer, Transport, TransportError
+from devit_mq.wire import Limits, Message, WireError, decode, encode
+
+from .auth import Authorizer, Roster
 
 HEARTBEAT_INTERVAL_S = 0.5
 # An edge silent for this long is treated as down: requests stop waiting for it.
@@ -32,52 +44,96 @@ def configure_threads(threads: int) -> None:
 
 
 class NodeBase:
-    """A node: a name, a transport, metrics and a ``running`` flag."""
+    """A node: a name, a transport, who is who (``roster``), metrics and a ``running`` flag.
+
+    Subclasses set ``accepts`` (the kinds they handle) and implement ``run``; they receive with
+    :meth:`receive` (which only returns authorized, typed messages) and handle each through
+    :meth:`handle_safely`."""
 
     role = "node"
+    accepts: frozenset[Kind] = frozenset()
 
-    def __init__(self, name: str, transport: Transport, limits: Limits | None = None) -> None:
+    def __init__(self, name: str, transport: Transport, roster: Roster, limits: Limits | None = None) -> None:
         self.name = name
         self.transport = transport
+        self.roster = roster
         self.limits = limits or Limits()
+        self.auth = Authorizer(roster, self.accepts)
         self.metrics = Metrics(name)
         self.running = True
+        self.log = RateLimitedLog(log)
+        self._peer_names = frozenset({roster.aggregator, *roster.owners.values()})
+        self.last_peer: Peer | None = None  # who sent the message :meth:`receive` returned last
 
     # -- messaging -----------------------------------------------------------------------------
-    def send(self, peer: str, msg: Message, expect_failure: bool = False) -> bool:
-        """Encode and send; a failed send is counted and logged, never raised (a dead peer must not
-        crash a long-running node). ``expect_failure`` logs it at debug level (e.g. hellos sent
-        before the peer is up)."""
-        frames = encode(msg)
+    def link_name(self, peer: str) -> str:
+        """``peer`` if the topology names it, else the one shared bucket (metrics stay bounded)."""
+        return peer if peer in self._peer_names else OTHER
+
+    def send(self, peer: str | Peer, msg: Message, expect_failure: bool = False) -> bool:
+        """Encode and send to a node (by name) or back over a connection (a :class:`Peer`); a
+        message that cannot be encoded or sent is counted and logged, never raised: a dead peer or
+        an oversized reply must not crash a long-running node. ``expect_failure`` logs it at debug
+        level (e.g. hellos sent before the peer is up)."""
+        name = peer if isinstance(peer, str) else (peer.key or OTHER)
+        link = self.link_name(name)
         try:
-            self.transport.send(peer, frames)
-        except TransportError as exc:
-            self.metrics.count(f"send_failed.{peer}")
-            log.log(logging.DEBUG if expect_failure else logging.WARNING,
-                    "%s: cannot send %s to %s: %s", self.name, msg.kind.name, peer, exc)
+            frames = encode(msg)
+        except WireError as exc:
+            self.metrics.count("encode_failed")
+            self.log.warning(f"encode.{msg.kind.name}", "%s: cannot encode %s for %s: %s", self.name,
+                             msg.kind.name, name, exc)
             return False
-        self.metrics.add_bytes(f"{self.name}->{peer}", sum(len(f) for f in frames))
+        try:
+            if isinstance(peer, str):
+                self.transport.send(peer, frames)
+            else:
+                self.transport.reply(peer, frames)
+        except TransportError as exc:
+            self.metrics.count(f"send_failed.{link}")
+            if not expect_failure:
+                self.log.warning(f"send.{link}", "%s: cannot send %s to %s: %s", self.name, msg.kind.name, name, exc)
+            return False
+        self.metrics.add_bytes(f"{self.name}->{link}", len(frames[0]) + len(frames[1]))
         self.metrics.count(f"sent.{msg.kind.name.lower()}")
         return True
 
     def receive(self, timeout: float | None) -> Message | None:
-        """One decoded message, or None on timeout or on a malformed message (counted and dropped)."""
-        frames = self.transport.recv(timeout)
-        if frames is None:
+        """One decoded, authorized message, or None on timeout or for a message that was dropped
+        (malformed: ``wire_errors``; not allowed from that peer: ``unauthorized``)."""
+        inbound = self.transport.recv(timeout)
+        if inbound is None:
             return None
+        frames = inbound.frames
         try:
             msg = decode(frames, self.limits)
         except WireError as exc:
             self.metrics.count("wire_errors")
-            log.warning("%s: dropped malformed message (%s)", self.name, exc)
+            self.log.warning("wire", "%s: dropped malformed message (%s)", self.name, exc)
+            return None
+        refusal = self.auth.check(msg, inbound.peer)
+        if refusal is not None:
+            self.metrics.count("unauthorized")
+            self.log.warning("auth", "%s: refused %s from %r: %s", self.name, msg.kind.name, msg.source, refusal)
             return None
         self.metrics.count(f"recv.{msg.kind.name.lower()}")
-        self.metrics.add_bytes(f"{msg.source}->{self.name}", sum(len(f) for f in frames))
+        self.metrics.add_bytes(f"{self.link_name(msg.source)}->{self.name}", sum(len(f) for f in frames))
+        self.last_peer = inbound.peer
         return msg
 
-    def control(self, peer: str, op: str, expect_failure: bool = False, **meta: object) -> bool:
-        return self.send(peer, Message(Kind.CONTROL, self.name, meta={"op": op, **meta},
-                                       timestamps={"sent": time.time()}), expect_failure)
+    def handle_safely(self, handler, msg: Message) -> None:
+        """The last-resort guard: a handler's bug on one message is counted (``handler_errors``)
+        and logged (rate-limited, with the traceback once per interval), and the loop goes on."""
+        try:
+            handler(msg)
+        except Exception:  # noqa: BLE001 -- whatever it was, the node must keep serving
+            self.metrics.count("handler_errors")
+            self.log.log(logging.ERROR, "handler", "%s: error handling %s from %r", self.name, msg.kind.name,
+                         msg.source, exc_info=True)
+
+    def control(self, peer: str | Peer, op: ControlOp, expect_failure: bool = False) -> bool:
+        return self.send(peer, Message(Kind.CONTROL, self.name, meta=op, timestamps={"sent": time.time()}),
+                         expect_failure)
 
     def stop(self) -> None:
         self.running = False

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from devit_mq.metrics import percentiles
+from devit_mq.protocol import ErrorMeta, Hello, Kind, ResultMeta, Shutdown, Status, StatusQuery, to_builtins
 from devit_mq.transport import Transport
-from devit_mq.wire import Kind, Limits, Message
+from devit_mq.wire import Limits, Message
 
+from .auth import Roster
 from .base import NodeBase
 
 log = logging.getLogger("devit_mq.nodes.client")
@@ -102,23 +104,28 @@ def default_client_name() -> str:
 
 
 class ClientNode(NodeBase):
-    """Talks to the edges (images) and the aggregator (hello, results) through one transport."""
+    """Talks to the edges (images) and the aggregator (hello, results) through one transport.
+
+    ``admin_token`` (given by a launcher to its own client) lets :meth:`shutdown_nodes` stop nodes
+    that run without CURVE; under CURVE the admin key does."""
 
     role = "client"
+    accepts = frozenset({Kind.RESULT, Kind.ERROR, Kind.CONTROL})
 
     def __init__(
         self,
         name: str,
         transport: Transport,
-        edges: Sequence[str],
-        aggregator: str,
+        roster: Roster,
         image_codec: str = "raw",
         timeout_s: float = 30.0,
         limits: Limits | None = None,
+        admin_token: str | None = None,
     ) -> None:
-        super().__init__(name, transport, limits)
-        self.edges = list(edges)
-        self.aggregator = aggregator
+        super().__init__(name, transport, roster, limits)
+        self.edges = [roster.owners[p] for p in sorted(roster.owners)]
+        self.aggregator = roster.aggregator
+        self.admin_token = admin_token
         self.image_codec = image_codec
         self.timeout_s = timeout_s
         # ids are unique per client; a random base keeps restarts from colliding with late answers
@@ -127,6 +134,7 @@ class ClientNode(NodeBase):
         self.status: dict = {}
         self._held: list[Answer] = []  # answers received while waiting for something else
         self._skip_until: dict[str, float] = {}  # edge -> time.monotonic() before which it is skipped
+        self._said_hello = False
 
     # -- readiness handshake ----------------------------------------------------------------------
     def connect(self, timeout_s: float = 60.0, alive=None) -> dict:
@@ -138,12 +146,12 @@ class ClientNode(NodeBase):
             if alive is not None:
                 alive()
             if time.monotonic() - last_hello > 0.25:
-                self.control(self.aggregator, "hello", expect_failure=True)  # it may not be up yet
+                self.hello(expect_failure=True)  # it may not be up yet
                 last_hello = time.monotonic()
             msg = self.receive(0.05)
-            if msg is not None and msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
-                self.status = dict(msg.meta)
-                if len(self.status.get("ready", [])) == self.status.get("parts", -1):
+            if msg is not None and isinstance(msg.meta, Status):
+                self.status = to_builtins(msg.meta)
+                if len(msg.meta.ready) == msg.meta.parts:
                     return self.status
         ready = self.status.get("ready")
         if ready is None:
@@ -151,9 +159,17 @@ class ClientNode(NodeBase):
         missing = [e for i, e in enumerate(self.edges) if i not in ready]
         raise ClientError(f"edges not ready after {timeout_s:.0f}s: {missing} (ready parts: {ready})")
 
+    def hello(self, expect_failure: bool = False) -> bool:
+        """Announce this client to the aggregator, which binds its name to this connection: answers
+        go only there. :meth:`connect` and the first :meth:`submit` do it."""
+        self._said_hello = self.control(self.aggregator, Hello(), expect_failure) or self._said_hello
+        return self._said_hello
+
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, images: np.ndarray) -> list[int]:
         """Send one batch (uint8 ``[B,H,W,C]``) to every edge; returns the request ids."""
+        if not self._said_hello:
+            self.hello()
         images = np.ascontiguousarray(images)
         ids = [next(self._ids) for _ in range(len(images))]
         msg = Message(Kind.IMAGE, self.name, request_ids=tuple(ids), array=images, codec=self.image_codec,
@@ -185,25 +201,32 @@ class ClientNode(NodeBase):
     def _answers(self, msg: Message) -> list[Answer]:
         now = time.perf_counter()
         out = []
+        meta = msg.meta
         if msg.kind == Kind.RESULT:
-            meta = msg.meta
+            assert isinstance(meta, ResultMeta) and msg.array is not None
+            width = msg.array.shape[1]
             for row, rid in enumerate(msg.request_ids):
                 sent = self.outstanding.pop(rid, None)
                 if sent is None:
                     self.metrics.count("unexpected_answers")
                     continue
-                out.append(Answer(
-                    rid, label=int(meta["labels"][row]), probs=np.array(msg.array[row]),
-                    degraded=bool(meta["degraded"][row]), missing=list(meta["missing"][row]),
-                    latency_s=now - sent, stages=dict(meta.get("stages", [{}] * len(msg.request_ids))[row])))
+                label = meta.labels[row]
+                stages = to_builtins(meta.stages[row]) if meta.stages else {}
+                if label >= width:  # a label the probabilities cannot have: an error, not an index error later
+                    out.append(Answer(rid, error=f"error: result label {label} for {width} classes",
+                                      latency_s=now - sent))
+                    continue
+                out.append(Answer(rid, label=label, probs=np.array(msg.array[row]), degraded=meta.degraded[row],
+                                  missing=list(meta.missing[row]), latency_s=now - sent, stages=stages))
         elif msg.kind == Kind.ERROR:
-            text = f"{msg.meta.get('code', 'error')}: {msg.meta.get('message', '')}"
+            assert isinstance(meta, ErrorMeta)
+            text = f"{meta.code}: {meta.message}"
             for rid in msg.request_ids:
                 sent = self.outstanding.pop(rid, None)
                 if sent is not None:
                     out.append(Answer(rid, error=text, latency_s=now - sent))
-        elif msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
-            self.status = dict(msg.meta)
+        elif isinstance(meta, Status):
+            self.status = to_builtins(meta)
         else:
             self.metrics.count("ignored_messages")
         return out
@@ -244,20 +267,22 @@ class ClientNode(NodeBase):
         """Ask the aggregator for its status: ready edges, pending requests and every node's metrics
         (``status["nodes"][name]``: counters, stage percentiles, cpu_s, rss_mb). Answers that arrive
         meanwhile are kept for ``collect``."""
-        self.control(self.aggregator, "status")
+        self.control(self.aggregator, StatusQuery())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             msg = self.receive(0.05)
             if msg is None:
                 continue
-            if msg.kind == Kind.CONTROL and msg.meta.get("op") == "status":
-                self.status = dict(msg.meta)
+            if isinstance(msg.meta, Status):
+                self.status = to_builtins(msg.meta)
                 return self.status
             self._held.extend(self._answers(msg))
         raise ClientError(f"no status from aggregator {self.aggregator!r} within {timeout_s:g}s")
 
     def shutdown_nodes(self) -> None:
-        """Ask every node to stop (edges first, so the aggregator can still answer what is open)."""
+        """Ask every node to stop (edges first, so the aggregator can still answer what is open).
+        Nodes obey only an admin: the admin key under CURVE, else this client's ``admin_token``."""
+        op = Shutdown(token=self.admin_token or "")
         for edge in self.edges:
-            self.control(edge, "shutdown")
-        self.control(self.aggregator, "shutdown")
+            self.control(edge, op)
+        self.control(self.aggregator, op)

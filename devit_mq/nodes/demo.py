@@ -12,6 +12,7 @@ import torch
 
 from devit_mq.data import load_dataset
 from devit_mq.model import Manifest, load_ensemble
+from devit_mq.protocol import FeaturesMeta
 from devit_mq.topology import Topology
 from devit_mq.wire import Kind, Message, decode, encode
 
@@ -39,7 +40,7 @@ def load_test_split(manifest: Manifest, limit: int | None = None) -> TestSplit:
 def wire_roundtrip(features: torch.Tensor, codec: str) -> torch.Tensor:
     """What the aggregator sees of an edge's features after the wire codec."""
     msg = Message(Kind.FEATURES, "ref", request_ids=tuple(range(len(features))), array=features.numpy(),
-                  codec=codec, meta={"part": 0})
+                  codec=codec, meta=FeaturesMeta(part=0))
     return torch.from_numpy(np.array(decode(encode(msg)).array))
 
 
@@ -65,7 +66,7 @@ def wire_bytes_per_image(topology: Topology, manifest: Manifest) -> dict[str, in
     for part, cfg in enumerate(manifest.submodels):
         feats = np.random.default_rng(0).standard_normal((1, cfg.num_prefix_tokens, cfg.embed_dim)).astype(np.float32)
         msg = Message(Kind.FEATURES, f"edge{part}", request_ids=(1,), array=feats, codec=topology.codec,
-                      meta={"part": part}, reply_to="client")
+                      meta=FeaturesMeta(part=part), reply_to="client")
         out[f"features part {part} ({topology.codec}, d={cfg.embed_dim})"] = sum(map(len, encode(msg)))
     return out
 

@@ -1,161 +1,133 @@
 """The edge: run one sub-model on every image it is sent, send its CLS (and DIST) tokens onwards.
 
-Dynamic batching: after the first image arrives the edge keeps collecting for at most ``max_wait_ms``
-or until ``max_batch`` images are waiting, then runs them as one batch. The default wait is 0: take
-whatever is already queued and start. While a batch computes (tens of ms for a ViT) new requests queue
-up, so under load batches form by themselves, and a lone request never pays a batching delay.
+A thin loop over three parts: the protocol (typed, authorized messages from :class:`NodeBase`), the
+policy (:class:`~devit_mq.nodes.batcher.Batcher`: dynamic batching) and the executor (an
+:class:`~devit_mq.nodes.executor.EdgeExecutor`: the sub-model's forward).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from devit_mq.model import InputSpec, VisionTransformer
+from devit_mq.protocol import ErrorMeta, FeaturesMeta, HeartbeatMeta, Kind, Ready, Shutdown
 from devit_mq.transport import Transport
-from devit_mq.wire import Kind, Limits, Message
+from devit_mq.wire import Limits, Message
 
+from .auth import Roster
 from .base import HEARTBEAT_INTERVAL_S, NodeBase
+from .batcher import Batcher, Job
+from .executor import EdgeExecutor
 
 log = logging.getLogger("devit_mq.nodes.edge")
 
-
-@dataclass
-class _Job:
-    msg: Message
-    received: float  # time.time() when decoded (travels in the timestamps)
-    received_perf: float  # perf_counter() at the same moment (for this process's own durations)
+# Timestamps an edge carries forward from an image request (a peer's other stamps are not copied:
+# what the edge sends must stay within the wire's limits whatever the client sent).
+FORWARDED_STAMPS = ("client_sent",)
 
 
 class EdgeNode(NodeBase):
     role = "edge"
+    accepts = frozenset({Kind.IMAGE, Kind.CONTROL})
 
     def __init__(
         self,
         name: str,
         transport: Transport,
-        model: VisionTransformer,
-        input_spec: InputSpec,
+        executor: EdgeExecutor,
+        image_shape: tuple[int, int, int],
         part: int,
-        aggregator: str,
+        roster: Roster,
         codec: str = "fp32",
         max_batch: int = 8,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         limits: Limits | None = None,
     ) -> None:
-        super().__init__(name, transport, limits)
-        self.model = model.eval()
-        self.input_spec = input_spec
+        super().__init__(name, transport, roster, limits)
+        self.executor = executor
+        self.image_shape = tuple(image_shape)
         self.part = part
-        self.aggregator = aggregator
+        self.aggregator = roster.aggregator
         self.codec = codec
-        self.max_batch = max(1, max_batch)
-        self.max_wait_s = max(0.0, max_wait_ms) / 1e3
+        self.batcher = Batcher(max_batch, max_wait_ms / 1e3)
         self._last_heartbeat = 0.0
-        self.metrics.info = {"role": "edge", "part": part, "attention": model.attention_backend,
-                             "threads": torch.get_num_threads(), "codec": codec}
+        self.metrics.info = {"role": "edge", "part": part, "codec": codec, **executor.describe()}
 
-    # -- lifecycle ----------------------------------------------------------------------------------
-    def warm_up(self) -> None:
-        """One forward pass before announcing readiness, so the first request is not slow."""
-        with torch.inference_mode():
-            self.model.forward_features(torch.zeros(1, self.input_spec.in_chans,
-                                                    self.input_spec.img_size, self.input_spec.img_size))
-
+    # -- loop -----------------------------------------------------------------------------------
     def run(self) -> None:
-        self.warm_up()
-        self.control(self.aggregator, "ready", part=self.part)
+        self.executor.warm_up()  # before announcing readiness, so the first request is not slow
+        self.control(self.aggregator, Ready(part=self.part))
         while self.running:
-            jobs = self._collect()
+            wait = self.batcher.wait_s()
+            msg = self.receive(HEARTBEAT_INTERVAL_S if wait is None else wait)
+            while msg is not None:
+                self.handle_safely(self._dispatch, msg)
+                if self.batcher.full or not self.running:
+                    break
+                msg = self.receive(0)  # take what is already queued into the batch
+            jobs = self.batcher.take_due()
             if jobs:
                 self._process(jobs)
             self._heartbeat()
 
-    # -- batching -------------------------------------------------------------------------------
-    def _collect(self) -> list[_Job]:
-        jobs: list[_Job] = []
-        images = 0
-        first = self._next_job(HEARTBEAT_INTERVAL_S)
-        if first is None:
-            return jobs
-        jobs.append(first)
-        images += len(first.msg.request_ids)
-        close_at = time.perf_counter() + self.max_wait_s
-        while images < self.max_batch and self.running:
-            remaining = close_at - time.perf_counter()
-            job = self._next_job(max(remaining, 0.0))
-            if job is None:
-                if remaining <= 0:
-                    break
-                continue
-            jobs.append(job)
-            images += len(job.msg.request_ids)
-        return jobs
-
-    def _next_job(self, timeout: float) -> _Job | None:
-        """Receive until an image request arrives or ``timeout`` passes; handle control inline."""
-        msg = self.receive(timeout)
-        if msg is None:
-            return None
+    def _dispatch(self, msg: Message) -> None:
         if msg.kind == Kind.IMAGE:
-            return _Job(msg, time.time(), time.perf_counter())
-        if msg.kind == Kind.CONTROL and msg.meta.get("op") == "shutdown":
+            if self._valid(msg):
+                self.batcher.add(msg)
+        elif isinstance(msg.meta, Shutdown):
             log.info("%s: shutdown requested by %s", self.name, msg.source)
             self.running = False
         else:
             self.metrics.count("ignored_messages")
-        return None
 
     # -- compute ----------------------------------------------------------------------------------
-    def _valid(self, job: _Job) -> bool:
-        """An image batch of the wrong shape gets an explicit error (the aggregator forwards it to
-        the client), so the request is answered instead of timing out."""
-        arr = job.msg.array
-        expected = self.input_spec.image_shape
+    def _valid(self, msg: Message) -> bool:
+        """An image batch of the wrong shape or type gets an explicit error (the aggregator forwards
+        it to the client), so the request is answered instead of timing out."""
+        arr = msg.array
+        assert arr is not None  # the wire guarantees an IMAGE has its [B, H, W, C] array
         problem = None
-        if arr is None or arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
-            problem = f"image shape {None if arr is None else tuple(arr.shape)}, expected [B, {expected}]"
+        if tuple(arr.shape[1:]) != self.image_shape:
+            problem = f"image shape {tuple(arr.shape)}, expected [B, {', '.join(map(str, self.image_shape))}]"
         elif arr.dtype != np.uint8:
             problem = f"image dtype {arr.dtype}, expected uint8"
-        elif arr.shape[0] != len(job.msg.request_ids):
-            problem = f"{arr.shape[0]} images for {len(job.msg.request_ids)} request ids"
         if problem is None:
             return True
         self.metrics.count("bad_images")
         self.send(self.aggregator, Message(
-            Kind.ERROR, self.name, request_ids=job.msg.request_ids, reply_to=job.msg.reply_to,
-            meta={"code": "bad_input", "message": f"{self.name}: {problem}", "part": self.part}))
+            Kind.ERROR, self.name, request_ids=msg.request_ids, reply_to=msg.reply_to,
+            meta=ErrorMeta(code="bad_input", message=f"{self.name}: {problem}", part=self.part)))
         return False
 
-    def _process(self, jobs: list[_Job]) -> None:
-        jobs = [j for j in jobs if self._valid(j)]
-        if not jobs:
-            return
-        images = np.concatenate([j.msg.array for j in jobs], axis=0)
+    def _process(self, jobs: list[Job]) -> None:
+        images = jobs[0].msg.array if len(jobs) == 1 else np.concatenate([j.msg.array for j in jobs], axis=0)
         start = time.perf_counter()
-        feats = []
-        with torch.inference_mode():
-            for lo in range(0, len(images), self.max_batch):
-                x = self.input_spec.to_tensor(images[lo: lo + self.max_batch])
-                feats.append(self.model.forward_features(x).float().numpy())
-        features = np.concatenate(feats, axis=0)
+        try:
+            features = self.executor.forward(images)
+        except Exception as exc:  # noqa: BLE001 -- a failed forward answers its requests with an error
+            self.metrics.count("compute_errors")
+            self.log.log(logging.ERROR, "compute", "%s: forward failed: %s", self.name, exc, exc_info=True)
+            for job in jobs:
+                self.send(self.aggregator, Message(
+                    Kind.ERROR, self.name, request_ids=job.msg.request_ids, reply_to=job.msg.reply_to,
+                    meta=ErrorMeta(code="error", message=f"{self.name}: forward failed: {exc}"[:1000],
+                                   part=self.part)))
+            return
         compute_s = time.perf_counter() - start
         self.metrics.observe("compute", compute_s)
         self.metrics.observe("batch_size", float(len(images)))
         offset = 0
         for job in jobs:
-            n = len(job.msg.request_ids)
-            stamps = dict(job.msg.timestamps)
+            n = job.images
+            stamps = {k: v for k, v in job.msg.timestamps.items() if k in FORWARDED_STAMPS}
             stamps.update({"edge_recv": job.received, "edge_sent": time.time()})
             self.send(self.aggregator, Message(
                 Kind.FEATURES, self.name, request_ids=job.msg.request_ids, reply_to=job.msg.reply_to,
-                array=np.ascontiguousarray(features[offset: offset + n]), codec=self.codec,
-                meta={"part": self.part, "compute_ms": compute_s * 1e3, "batch": int(len(images)),
-                      "queue_ms": (start - job.received_perf) * 1e3},
+                array=features[offset: offset + n], codec=self.codec,
+                meta=FeaturesMeta(part=self.part, compute_ms=compute_s * 1e3, batch=int(len(images)),
+                                  queue_ms=max(0.0, start - job.received_perf) * 1e3),
                 timestamps=stamps))
             offset += n
 
@@ -164,7 +136,6 @@ class EdgeNode(NodeBase):
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
             self._last_heartbeat = now
             # telemetry rides on the heartbeat, so the aggregator can report every node's figures
-            self.send(self.aggregator, Message(Kind.HEARTBEAT, self.name,
-                                               meta={"part": self.part, "metrics": self.metrics.snapshot()},
-                                               timestamps={"sent": now}))
-
+            self.send(self.aggregator, Message(
+                Kind.HEARTBEAT, self.name, meta=HeartbeatMeta(part=self.part, telemetry=self.metrics.telemetry()),
+                timestamps={"sent": now}))

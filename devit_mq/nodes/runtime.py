@@ -5,17 +5,19 @@ client. The same functions serve ``devit-mq node`` (ZeroMQ, one process per node
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
 import numpy as np
 
-from devit_mq.model import load_fusion, load_manifest, load_submodel
+from devit_mq.protocol import ADMIN_KEY, ENV_ADMIN_TOKEN, ENV_INSTANCE
 from devit_mq.topology import Topology, check_against_bundle, load_topology
 from devit_mq.transport import Transport, open_transport
 from devit_mq.wire import Limits, warmup
 
 from .aggregator import AggregatorNode
+from .auth import Roster
 from .base import NodeBase, configure_threads
 from .client import CLIENT_SEND_TIMEOUT_S, ClientNode, Prediction, default_client_name
 from .edge import EdgeNode
@@ -27,36 +29,64 @@ def wire_limits(topology: Topology) -> Limits:
     return Limits(max_message_bytes=topology.limits.max_message_bytes)
 
 
+def roster(topology: Topology, admin_token: str | None = None) -> Roster:
+    """Who is who in ``topology``, and who may stop its nodes: the ``admin`` key under CURVE, the
+    job's own client rank under MPI, else whoever holds ``admin_token`` (the launch's secret)."""
+    if topology.security.curve:
+        admins = frozenset({ADMIN_KEY})
+    elif topology.transport == "mpi" and topology.client is not None:
+        admins = frozenset({topology.client.name})
+    else:
+        admins = frozenset()
+    return Roster(topology.aggregator.name, {e.submodel: e.name for e in topology.edges}, admins, admin_token)
+
+
+def _edge_executor(topology: Topology, spec, manifest):
+    from devit_mq.model import load_submodel
+
+    from .executor import TorchEdgeExecutor
+
+    backend = spec.attention
+    model = load_submodel(topology.bundle, spec.submodel, manifest,
+                          attention_backend="torch" if backend == "auto" else backend)
+    if backend == "auto":
+        from devit_mq.model import select_backend  # calibration compiles kernels: only when asked
+
+        chosen = select_backend(model, batch_size=1)
+        model.set_attention_backend(chosen)
+        log.info("%s: attention backend calibrated: %s", spec.name, chosen)
+    return TorchEdgeExecutor(model, manifest.input, spec.max_batch)
+
+
 def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
-    """Load only what node ``name`` needs from the bundle and wire it to ``transport``."""
+    """Load only what node ``name`` needs from the bundle and wire it to ``transport``. A node
+    started by a launcher takes the launch's admin token and instance id from its environment."""
+    from devit_mq.model import load_fusion, load_manifest
+
     spec = topology.node(name)
     configure_threads(spec.threads)
     warmup()  # load the codec kernels now, not on the first request
     manifest = load_manifest(topology.bundle)
     check_against_bundle(topology, manifest)
     limits = wire_limits(topology)
+    who = roster(topology, os.environ.get(ENV_ADMIN_TOKEN) or None)
     if spec.role == "edge":
-        backend = spec.attention
-        model = load_submodel(topology.bundle, spec.submodel, manifest,
-                              attention_backend="torch" if backend == "auto" else backend)
-        if backend == "auto":
-            from devit_mq.model import select_backend  # calibration compiles kernels: only when asked
-
-            chosen = select_backend(model, batch_size=1)
-            model.set_attention_backend(chosen)
-            log.info("%s: attention backend calibrated: %s", name, chosen)
-        node = EdgeNode(name, transport, model, manifest.input, spec.submodel, topology.aggregator.name,
-                        codec=topology.codec, max_batch=spec.max_batch, max_wait_ms=spec.max_wait_ms,
-                        limits=limits)
-        node.metrics.info["attention_requested"] = backend
+        node = EdgeNode(name, transport, _edge_executor(topology, spec, manifest), manifest.input.image_shape,
+                        spec.submodel, who, codec=topology.codec, max_batch=spec.max_batch,
+                        max_wait_ms=spec.max_wait_ms, limits=limits)
+        node.metrics.info["attention_requested"] = spec.attention
         return node
     if spec.role == "aggregator":
+        from .executor import TorchFusionExecutor
+
         fusion = load_fusion(topology.bundle, manifest)
+        cfg = fusion.config
         return AggregatorNode(
-            name, transport, fusion, {e.submodel: e.name for e in topology.edges},
+            name, transport, TorchFusionExecutor(fusion), cfg.in_dims, cfg.num_prefix_tokens, who,
             deadline_ms=spec.deadline_ms, missing_policy=spec.missing_policy, max_pending=spec.max_pending,
             limits=limits, info={"classes": manifest.classes, "codec": topology.codec,
-                                 "image_shape": list(manifest.input.image_shape)})
+                                 "image_shape": list(manifest.input.image_shape),
+                                 "instance": os.environ.get(ENV_INSTANCE, "")})
     raise ValueError(f"node {name!r} has role {spec.role!r}: only edges and the aggregator run as servers")
 
 
@@ -76,10 +106,23 @@ def serve(node: NodeBase) -> None:
         node.close()
 
 
-def make_client(topology: Topology, transport: Transport, name: str, timeout_s: float = 30.0) -> ClientNode:
+def make_client(topology: Topology, transport: Transport, name: str, timeout_s: float = 30.0,
+                admin_token: str | None = None) -> ClientNode:
     warmup()
-    return ClientNode(name, transport, [e.name for e in topology.edges], topology.aggregator.name,
-                      image_codec=topology.image_codec, timeout_s=timeout_s, limits=wire_limits(topology))
+    return ClientNode(name, transport, roster(topology), image_codec=topology.image_codec, timeout_s=timeout_s,
+                      limits=wire_limits(topology), admin_token=admin_token)
+
+
+def client_name(topology: Topology, requested: str | None = None, *, admin: bool = False) -> str:
+    """The name a client of ``topology`` goes by. Under CURVE it must be the name of the key pair it
+    holds (the aggregator binds the claimed name to the authenticated key): ``requested``, else the
+    ``admin`` pair for an operator's tool, else the shared ``client`` pair; without CURVE a fresh
+    random name unless one is requested."""
+    if topology.security.curve:
+        from devit_mq.transport.security import CLIENT_KEY
+
+        return requested or (ADMIN_KEY if admin else CLIENT_KEY)
+    return requested or default_client_name()
 
 
 class Client:
@@ -92,7 +135,7 @@ class Client:
     def __init__(self, topology: Topology | str | Path, name: str | None = None, timeout_s: float = 30.0,
                  connect_timeout_s: float = 60.0) -> None:
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
-        self.name = name or default_client_name()
+        self.name = client_name(self.topology, name)
         transport = open_transport(self.topology, self.name, send_timeout=CLIENT_SEND_TIMEOUT_S)
         self.node = make_client(self.topology, transport, self.name, timeout_s)
         try:

@@ -10,8 +10,10 @@ from .schema import (
     IMAGE_CODECS,
     MISSING_POLICIES,
     TRANSPORTS,
-    Limits,
+    Link,
+    LinkLimits,
     NodeSpec,
+    RoutePlan,
     Security,
     Topology,
     TopologyError,
@@ -20,7 +22,7 @@ from .schema import (
 )
 
 __all__ = [
-    "ATTENTION_BACKENDS", "CODECS", "IMAGE_CODECS", "MISSING_POLICIES", "TRANSPORTS", "Limits", "NodeSpec",
-    "Security", "Topology", "TopologyError", "UnknownNodeError", "bundle_manifest", "check_against_bundle",
+    "ATTENTION_BACKENDS", "CODECS", "IMAGE_CODECS", "MISSING_POLICIES", "TRANSPORTS", "Link", "LinkLimits",
+    "NodeSpec", "RoutePlan", "Security", "Topology", "TopologyError", "UnknownNodeError", "bundle_manifest", "check_against_bundle",
     "load_topology", "parse_topology", "read_yaml", "resolve_bundle",
 ]

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from devit_mq.yamlio import DuplicateKeyError, load_strict
+
 from .schema import Topology, TopologyError, parse_topology
 
 if TYPE_CHECKING:  # the model package imports torch: only load it when a manifest is really read
@@ -15,26 +17,6 @@ if TYPE_CHECKING:  # the model package imports torch: only load it when a manife
 
 MANIFEST_FILE = "manifest.json"
 PACKAGE_BUNDLES = Path(__file__).resolve().parent.parent / "assets" / "bundles"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys: plain YAML keeps the last one silently, which turns a
-    copy-paste slip (two ``port:`` lines) into a node listening somewhere unexpected."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        line = key_node.start_mark.line + 1
-        if isinstance(key, (str, int, float, bool)) and key in seen:
-            raise TopologyError([(f"line {line}", f"duplicate key {key!r} (first on line {seen[key]})")])
-        if isinstance(key, (str, int, float, bool)):
-            seen[key] = line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _is_plain_name(value: str) -> bool:
@@ -71,9 +53,9 @@ def read_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise TopologyError([("", f"cannot read topology file {path}: {exc}")]) from exc
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
-    except TopologyError as exc:
-        raise TopologyError(exc.problems, path) from None
+        return load_strict(text)
+    except DuplicateKeyError as exc:
+        raise TopologyError([(f"line {exc.line}", str(exc))], path) from None
     except yaml.YAMLError as exc:
         raise TopologyError([("", f"not valid YAML: {exc}")], path) from exc
 

@@ -60,27 +60,27 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TRANSPORTS = ("zmq", "mpi")
-CODECS = ("fp32", "fp16", "bf16", "int8", "int8-block")
-IMAGE_CODECS = ("raw",)
-# The same names as devit_mq.model.config.ATTENTION_BACKENDS (a test keeps them in sync): importing
-# the model package here would import torch, which `devit-mq check` and clients do not need.
-ATTENTION_BACKENDS = ("torch", "naive", "numba", "cuda", "auto")
-MISSING_POLICIES = ("degrade", "error")
-ROLES = ("client", "aggregator", "edge")
+from devit_mq.protocol import (
+    ATTENTION_BACKENDS,
+    DEFAULT_HWM,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    FEATURE_CODECS,
+    IMAGE_CODECS,
+    MAX_PARTS,
+    MISSING_POLICIES,
+    NAME_RE,
+    ROLES,
+    TRANSPORTS,
+)
 
-# A name is a ZeroMQ identity, an MPI peer label and a key file name: keep it to a safe alphabet.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CODECS = FEATURE_CODECS  # what `codec:` takes
 # Linux's sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-DEFAULT_HWM = 1000
 
 TOP_KEYS = ("name", "bundle", "transport", "codec", "image_codec", "limits", "security", "defaults",
             "aggregator", "edges", "client")
@@ -131,7 +131,10 @@ class UnknownNodeError(TopologyError, KeyError):
 
 
 @dataclass(frozen=True)
-class Limits:
+class LinkLimits:
+    """The topology's ``limits`` section: what every link of it carries (the receiver's full set of
+    bounds is :class:`devit_mq.wire.Limits`, which takes ``max_message_bytes`` from here)."""
+
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     hwm: int = DEFAULT_HWM
 
@@ -207,6 +210,38 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
+class Link:
+    """An outgoing link of a :class:`RoutePlan`: messages to ``peer`` go to ``endpoint``.
+
+    ``pattern``: ``request`` (the peer answers over this same connection: hellos, features),
+    ``push`` (one-way: images and control to an edge). ``eager`` links connect at start-up, the
+    others on first use."""
+
+    peer: str
+    endpoint: str | None
+    pattern: str
+    eager: bool
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """A node's wiring, computed from the topology (:meth:`Topology.route_plan`).
+
+    ``inbox`` is how the bound endpoint ``bind`` behaves: ``answering`` (it can reply to whoever
+    connected, :meth:`devit_mq.transport.Transport.reply`), ``receiving`` (it only receives), or
+    ``None`` (the node binds nothing: a client)."""
+
+    node: str
+    role: str
+    bind: str | None
+    inbox: str | None
+    links: tuple[Link, ...]
+
+    def link(self, peer: str) -> Link | None:
+        return next((link for link in self.links if link.peer == peer), None)
+
+
+@dataclass(frozen=True)
 class Topology:
     """A validated topology. ``edges`` is sorted by sub-model index; ``nodes`` is in rank order."""
 
@@ -215,7 +250,7 @@ class Topology:
     transport: str
     codec: str
     image_codec: str
-    limits: Limits
+    limits: LinkLimits
     security: Security
     aggregator: NodeSpec
     edges: tuple[NodeSpec, ...]
@@ -257,6 +292,27 @@ class Topology:
                 [("", f"MPI started {world_size} rank(s) but topology {self.name!r} has {len(nodes)} nodes "
                       f"({names}): run `mpirun -n {len(nodes)} ...`")], self.source)
         return {n.name: n.rank for n in nodes}
+
+    def route_plan(self, node: str) -> RoutePlan:
+        """How ``node`` (a node of this topology, or any other name: an implicit client) is wired:
+        the one place that turns roles into sockets, so transports follow a plan and know no roles.
+
+        The aggregator binds an inbox that answers connections (features, control, client hellos
+        come in; results go back over the connection that asked) and reaches each edge's inbox;
+        an edge binds an inbox that only receives (images, control) and reaches the aggregator; a
+        client reaches the aggregator (hello, then answers come back) and every edge (images)."""
+        spec = next((n for n in self.nodes if n.name == node), None)
+        role = spec.role if spec is not None else "client"
+        agg = self.aggregator
+        if role == "aggregator":
+            return RoutePlan(node, role, agg.bind_endpoint, "answering",
+                             tuple(Link(e.name, e.connect_endpoint, "push", eager=False) for e in self.edges))
+        to_agg = Link(agg.name, agg.connect_endpoint, "request", eager=True)
+        if role == "edge":
+            assert spec is not None
+            return RoutePlan(node, role, spec.bind_endpoint, "receiving", (to_agg,))
+        return RoutePlan(node, role, None, None,
+                         (to_agg, *(Link(e.name, e.connect_endpoint, "push", eager=True) for e in self.edges)))
 
     def to_dict(self) -> dict[str, Any]:
         """A mapping that :func:`devit_mq.topology.load_topology` reads back into an equal topology
@@ -410,7 +466,7 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
     ck.keys(data, path, NODE_KEYS[role], required, elsewhere=_role_hint(role))
     out: dict[str, Any] = {"role": role, "key_path": path}
     out["name"] = ck.value(data, "name", path, str)
-    if out["name"] is not None and not NAME_RE.match(out["name"]):
+    if out["name"] is not None and not NAME_RE.fullmatch(out["name"]):
         ck.error(_join(path, "name"), f"{out['name']!r} is not a valid node name "
                  "(1-64 characters: letters, digits, '_', '.', '-'; starting with a letter or digit)")
         out["name"] = None
@@ -522,10 +578,10 @@ def parse_topology(data: Any, *, base_dir: Path, source: Path | None = None,
     codec = ck.value(top, "codec", "", str, "fp16", choices=CODECS)
     image_codec = ck.value(top, "image_codec", "", str, "raw", choices=IMAGE_CODECS)
 
-    limits = Limits()
+    limits = LinkLimits()
     if top.get("limits") is not None and (raw := ck.mapping(top["limits"], "limits")) is not None:
         ck.keys(raw, "limits", LIMIT_KEYS)
-        limits = Limits(ck.value(raw, "max_message_bytes", "limits", int, DEFAULT_MAX_MESSAGE_BYTES, minimum=1)
+        limits = LinkLimits(ck.value(raw, "max_message_bytes", "limits", int, DEFAULT_MAX_MESSAGE_BYTES, minimum=1)
                         or DEFAULT_MAX_MESSAGE_BYTES,
                         ck.value(raw, "hwm", "limits", int, DEFAULT_HWM, minimum=1) or DEFAULT_HWM)
     security = Security()
@@ -561,6 +617,8 @@ def parse_topology(data: Any, *, base_dir: Path, source: Path | None = None,
             ck.error("edges", f"expected a list of edges, got {_type_name(raw_edges)}")
         elif not raw_edges:
             ck.error("edges", "needs at least one edge")
+        elif len(raw_edges) > MAX_PARTS:
+            ck.error("edges", f"{len(raw_edges)} edges; the protocol carries at most {MAX_PARTS} parts")
         else:
             for i, raw in enumerate(raw_edges):
                 edge = _parse_node(ck, raw, f"edges[{i}]", "edge", defaults, net, base_dir)

@@ -2,18 +2,43 @@
 never learn whether ZeroMQ, MPI or a queue carries them.
 
 A message is a list of frames (``bytes``). Transports do not look inside frames (that is
-``devit_mq.wire``'s job); they only enforce the topology's size limit and bounded waits.
+``devit_mq.wire``'s job); they only enforce the topology's size limit and bounded waits, and say who
+sent each message (:class:`Peer`), as far as they can tell: that is what authorization binds to.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 
 class TransportError(RuntimeError):
     """A send or receive could not be done: the message names the node, the peer or endpoint, and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The sender of a received message.
+
+    ``route`` answers that very connection (:meth:`Transport.reply`): a ZeroMQ ROUTER identity (a
+    random secret per connection, never a claimed name), or a node name where names route (MPI,
+    in-process); ``None`` when the message came in on a socket that cannot answer (a PULL inbox).
+    ``key`` is the *authenticated* name of the sender: the CURVE key's name under ZeroMQ CURVE, the
+    node of the sending rank under MPI, the endpoint's name in-process; ``None`` when the transport
+    authenticates nobody (ZeroMQ without CURVE: claimed names are all there is)."""
+
+    route: bytes | str | None = None
+    key: str | None = None
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One received message and who sent it."""
+
+    frames: list[bytes]
+    peer: Peer
 
 
 class Transport(ABC):
@@ -27,13 +52,20 @@ class Transport(ABC):
 
     @abstractmethod
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
-        """Deliver one message to ``peer`` (a topology node name, or on the aggregator the name of a
-        client that has sent it at least one message). Never blocks forever: if the peer's queue stays
+        """Deliver one message to ``peer``, a node of the topology (the route plan says how). Never
+        blocks forever: if the peer's queue stays
         full for ``send_timeout`` seconds, or the peer is unknown or gone, raise :class:`TransportError`."""
 
     @abstractmethod
-    def recv(self, timeout: float | None = None) -> list[bytes] | None:
+    def recv(self, timeout: float | None = None) -> Inbound | None:
         """One message from any peer, or ``None`` after ``timeout`` seconds (``None``: wait forever)."""
+
+    def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
+        """Deliver one message over the connection ``peer`` came in on (how the aggregator answers a
+        client: never by a name the client merely claims). Where names route, that is :meth:`send`."""
+        if not isinstance(peer.route, str):
+            raise TransportError(f"{self.node}: cannot answer a peer without a route")
+        self.send(peer.route, frames)
 
     @abstractmethod
     def close(self) -> None:

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Collection, Sequence
 
-from .base import Transport, TransportError
+from .base import Inbound, Peer, Transport, TransportError
 
 
 class FaultyTransport(Transport):
@@ -37,7 +37,7 @@ class FaultyTransport(Transport):
         self.peers = set(peers) if peers is not None else None
         self.rng = random.Random(seed)
         self.stats = {"sent": 0, "dropped": 0, "duplicated": 0, "corrupted": 0, "delayed": 0, "lost_in_flight": 0}
-        self._delayed: list[tuple[float, int, str, list[bytes]]] = []
+        self._delayed: list[tuple[float, int, str | Peer, list[bytes]]] = []
         self._order = itertools.count()
 
     def _corrupt(self, frames: list[bytes]) -> list[bytes]:
@@ -55,14 +55,28 @@ class FaultyTransport(Transport):
         while self._delayed and self._delayed[0][0] <= now:
             _, _, peer, frames = heapq.heappop(self._delayed)
             try:
-                self.inner.send(peer, frames)
+                self._deliver(peer, frames)
             except TransportError:  # the link died while the message was delayed: it is lost, as it would be
                 self.stats["lost_in_flight"] += 1
 
-    def send(self, peer: str, frames: Sequence[bytes]) -> None:
-        self._release_due()
-        if self.peers is not None and peer not in self.peers:
+    def _deliver(self, peer: str | Peer, frames: Sequence[bytes]) -> None:
+        if isinstance(peer, Peer):
+            self.inner.reply(peer, frames)
+        else:
             self.inner.send(peer, frames)
+
+    def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
+        """Answers to a connection suffer the same faults, keyed by the peer's authenticated or
+        routed name."""
+        self._faulty_send(peer, peer.key or str(peer.route), frames)
+
+    def send(self, peer: str, frames: Sequence[bytes]) -> None:
+        self._faulty_send(peer, peer, frames)
+
+    def _faulty_send(self, peer: str | Peer, name: str, frames: Sequence[bytes]) -> None:
+        self._release_due()
+        if self.peers is not None and name not in self.peers:
+            self._deliver(peer, frames)
             self.stats["sent"] += 1
             return
         message = [bytes(f) for f in frames]
@@ -82,10 +96,10 @@ class FaultyTransport(Transport):
                 heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._order), peer, message))
                 self.stats["delayed"] += 1
             else:
-                self.inner.send(peer, message)
+                self._deliver(peer, message)
             self.stats["sent"] += 1
 
-    def recv(self, timeout: float | None = None) -> list[bytes] | None:
+    def recv(self, timeout: float | None = None) -> Inbound | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._release_due()

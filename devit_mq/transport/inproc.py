@@ -7,23 +7,27 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from .base import Transport, TransportError, check_frames
+from devit_mq.protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+from .base import Inbound, Peer, Transport, TransportError, check_frames
 
 
 class InprocHub:
     """The shared 'network': a registry of endpoints' inboxes by name."""
 
-    def __init__(self, maxsize: int = 1000, max_message_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, maxsize: int = 1000, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 authenticate: bool = True) -> None:
         self.maxsize = maxsize
+        self.authenticate = authenticate  # False: like ZeroMQ without CURVE, claimed names are all there is
         self.max_message_bytes = max_message_bytes
-        self._inboxes: dict[str, queue.Queue[list[bytes]]] = {}
+        self._inboxes: dict[str, queue.Queue[Inbound]] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str) -> queue.Queue[list[bytes]]:
+    def register(self, name: str) -> queue.Queue[Inbound]:
         with self._lock:
             if name in self._inboxes:
                 raise TransportError(f"inproc: an endpoint named {name!r} is already open on this hub")
-            inbox: queue.Queue[list[bytes]] = queue.Queue(self.maxsize)
+            inbox: queue.Queue[Inbound] = queue.Queue(self.maxsize)
             self._inboxes[name] = inbox
             return inbox
 
@@ -31,7 +35,7 @@ class InprocHub:
         with self._lock:
             self._inboxes.pop(name, None)
 
-    def inbox(self, name: str) -> queue.Queue[list[bytes]] | None:
+    def inbox(self, name: str) -> queue.Queue[Inbound] | None:
         with self._lock:
             return self._inboxes.get(name)
 
@@ -43,13 +47,16 @@ class InprocHub:
 
 class InprocTransport(Transport):
     """An endpoint on an :class:`InprocHub`. Frames are copied to ``bytes`` on send, so a sender
-    reusing its buffers cannot change a message in flight (as with a real socket)."""
+    reusing its buffers cannot change a message in flight (as with a real socket). The hub knows
+    which endpoint sent what, so a received message's :class:`Peer` is that endpoint's name (as
+    authenticated as an MPI rank)."""
 
     def __init__(self, hub: InprocHub, node: str, send_timeout: float = 5.0) -> None:
         self.hub = hub
         self.node = node
         self.send_timeout = send_timeout
         self._inbox = hub.register(node)
+        self._me = Peer(route=node, key=node if hub.authenticate else None)
         self._closed = False
 
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
@@ -60,12 +67,12 @@ class InprocTransport(Transport):
         if inbox is None:
             raise TransportError(f"{self.node} -> {peer}: no such endpoint (open: {', '.join(self.hub.names)})")
         try:
-            inbox.put(message, timeout=self.send_timeout)
+            inbox.put(Inbound(message, self._me), timeout=self.send_timeout)
         except queue.Full:
             raise TransportError(f"{self.node} -> {peer}: queue full for {self.send_timeout:g} s "
                                  f"({self.hub.maxsize} messages waiting)") from None
 
-    def recv(self, timeout: float | None = None) -> list[bytes] | None:
+    def recv(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:
             raise TransportError(f"{self.node}: transport is closed")
         try:

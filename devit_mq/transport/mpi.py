@@ -32,7 +32,7 @@ from typing import Any
 
 from devit_mq.topology import Topology, TopologyError
 
-from .base import Transport, TransportError, check_frames
+from .base import Inbound, Peer, Transport, TransportError, check_frames
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class MpiTransport(Transport):
             raise TransportError(f"{node} is rank {self.ranks[node]} in topology {topology.name!r}, "
                                  f"but this process is rank {self.rank}")
         self.names = {rank: name for name, rank in self.ranks.items()}
+        self._peers = {rank: Peer(route=name, key=name) for rank, name in self.names.items()}
         self._pending: dict[int, deque[_Pending]] = {}
         self._status = MPI.Status()
         self._closed = False
@@ -179,7 +180,7 @@ class MpiTransport(Transport):
         return sum(len(q) for q in self._pending.values())
 
     # -- receiving --------------------------------------------------------------------------------
-    def _take(self) -> list[bytes] | None:
+    def _take(self) -> Inbound | None:
         """Receive the probed message; a malformed or oversized one is logged, counted and dropped
         (a peer's bug must not take down a long-running node)."""
         status = self._status
@@ -193,13 +194,16 @@ class MpiTransport(Transport):
                         self.node, count, sender, self.topology.limits.max_message_bytes)
             return None
         try:
-            return unpack_frames(buf)
+            frames = unpack_frames(buf)
         except ValueError as exc:
             self.dropped += 1
             log.warning("%s: dropped a malformed message from %s: %s", self.node, sender, exc)
             return None
+        # the rank is the job's own word for who sent it: as authenticated as MPI makes it
+        peer = self._peers.get(source) or Peer(route=None, key=None)
+        return Inbound(frames, peer)
 
-    def recv(self, timeout: float | None = None) -> list[bytes] | None:
+    def recv(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:
             raise TransportError(f"{self.node}: transport is closed")
         start = time.monotonic()

@@ -5,12 +5,17 @@ Layout of a keys folder (what :func:`zmq.auth.create_certificates` writes)::
     keys/
       aggregator.key  aggregator.key_secret
       edge0.key       edge0.key_secret
-      client.key      client.key_secret
+      admin.key       admin.key_secret        # the operator's tools (launch, shutdown)
+      client-0000.key client-0000.key_secret  # one pair per client (`--clients N` issues them in bulk)
 
 ``NAME.key`` holds a public key, ``NAME.key_secret`` the pair. Servers (the aggregator and edges,
-which bind) admit exactly the public keys of the ``*.key`` files in the folder; connecting sockets
-authenticate the server by its public key. Distribute to each host only the secret file of its own
-node plus all public files.
+which bind) admit exactly the public keys of the ``*.key`` files in the folder, and the ZAP handler
+reports each admitted connection's **key name** as its ZeroMQ ``User-Id``: that is the identity a
+receiver binds the message's claimed ``source`` to (:mod:`devit_mq.nodes.auth`). A key named like a
+node of the topology is that node; :data:`~devit_mq.protocol.ADMIN_KEY` is the operator; any other
+key is a client that may only speak for itself. Connecting sockets authenticate the server by its
+public key. Distribute to each host only the secret file of its own node plus all public files, and
+to each client only its own pair.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from devit_mq.topology.schema import NAME_RE
+from devit_mq.protocol import ADMIN_KEY, NAME_RE
 
 from .base import TransportError
 
@@ -58,12 +64,39 @@ def load_public_key(keys_dir: Path, name: str) -> bytes:
     return public
 
 
+def public_keys(keys_dir: Path) -> dict[bytes, str]:
+    """Every public key of the folder (z85) -> its key name (the file name without ``.key``)."""
+    out: dict[bytes, str] = {}
+    for public_file in sorted(keys_dir.glob("*.key")):
+        name = public_file.stem
+        if not NAME_RE.fullmatch(name):
+            continue  # not one of ours: a name that could not be a node or client is never admitted
+        try:
+            public, _ = zmq.auth.load_certificate(public_file)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"CURVE: cannot read public key {public_file}: {exc}") from exc
+        out[public] = name
+    return out
+
+
+class NamedKeyAuthenticator(ThreadAuthenticator):
+    """Admits the folder's public keys and names each connection by its key (ZAP ``User-Id``)."""
+
+    def __init__(self, ctx: zmq.Context, keys_dir: Path) -> None:
+        super().__init__(ctx)
+        self.names = public_keys(keys_dir)
+        self.keys_dir = keys_dir
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(zmq.utils.z85.encode(client_public_key), "")
+
+
 def start_authenticator(ctx: zmq.Context, keys_dir: Path) -> ThreadAuthenticator:
-    """A ZAP handler on ``ctx`` that admits only the public keys found in ``keys_dir``. Start it
-    before binding; stop it before destroying the context."""
+    """A ZAP handler on ``ctx`` that admits only the public keys found in ``keys_dir`` and reports
+    their names as ``User-Id``. Start it before binding; stop it before destroying the context."""
     if not keys_dir.is_dir():
         raise TransportError(f"CURVE: keys folder {keys_dir} does not exist")
-    auth = ThreadAuthenticator(ctx)
+    auth = NamedKeyAuthenticator(ctx, keys_dir)
     auth.start()
     auth.configure_curve(domain="*", location=str(keys_dir))
     return auth
@@ -76,7 +109,7 @@ def make_server(sock: zmq.Socket, keys_dir: Path, name: str) -> None:
 
 
 def make_client(sock: zmq.Socket, keys_dir: Path, name: str, server: str) -> None:
-    public, secret = load_keypair(keys_dir, name, fallback=CLIENT_KEY)
+    public, secret = load_keypair(keys_dir, name)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_serverkey = load_public_key(keys_dir, server)
@@ -86,7 +119,7 @@ def create_keys(keys_dir: str | Path, names: Sequence[str], force: bool = False)
     """Write a key pair per name (secret files readable by the owner only); refuses to overwrite
     existing pairs unless ``force``. Returns the secret files written."""
     directory = Path(keys_dir)
-    bad = [n for n in names if not NAME_RE.match(n)]
+    bad = [n for n in names if not NAME_RE.fullmatch(n)]
     if bad:  # names become file names: no paths, no surprises
         raise ValueError(f"not valid node names: {', '.join(map(repr, bad))}")
     existing = [n for n in names if any(p.exists() for p in key_files(directory, n))]
@@ -106,11 +139,16 @@ def main_keys(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="devit-mq keys",
                                 description="Generate ZeroMQ CURVE key pairs (NAME.key, NAME.key_secret).")
     p.add_argument("dir", help="folder to write the keys to (the topology's security.keys_dir)")
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--nodes", help="comma-separated node names")
-    who.add_argument("--topology", help="a topology YAML: one pair per node, plus 'client'")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--nodes", help="comma-separated node (or client) names")
+    who.add_argument("--topology", help=f"a topology YAML: one pair per node, plus '{ADMIN_KEY}' and '{CLIENT_KEY}'")
+    p.add_argument("--clients", type=int, default=0, metavar="N",
+                   help="also issue N client pairs, PREFIX-0000 ... (each client gets its own)")
+    p.add_argument("--prefix", default="client", help="name prefix for --clients (default: client)")
     p.add_argument("--force", action="store_true", help="replace existing pairs")
     args = p.parse_args(argv)
+    if args.nodes is None and args.topology is None and args.clients <= 0:
+        p.error("give --nodes, --topology or --clients N")
     if not zmq.has("curve"):
         print("devit-mq keys: this libzmq was built without CURVE", file=sys.stderr)
         return 2
@@ -123,9 +161,12 @@ def main_keys(argv: Sequence[str] | None = None) -> int:
             print(f"devit-mq keys: {exc}", file=sys.stderr)
             return 2
         names = [n.name for n in topology.nodes]
-        names += [] if CLIENT_KEY in names else [CLIENT_KEY]
-    else:
+        names += [k for k in (ADMIN_KEY, CLIENT_KEY) if k not in names]
+    elif args.nodes is not None:
         names = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    else:
+        names = []
+    names += [f"{args.prefix}-{i:04d}" for i in range(max(0, args.clients))]
     if not names:
         print("devit-mq keys: no node names given", file=sys.stderr)
         return 2

@@ -1,37 +1,46 @@
-"""ZeroMQ transport (tcp:// and ipc://).
+"""ZeroMQ transport (tcp:// and ipc://), wired by the topology's route plan.
 
-Socket layout (one :class:`zmq.Context` per transport)::
+Socket layout (one :class:`zmq.Context` per transport), as :meth:`Topology.route_plan` says::
 
-    client ──PUSH (one per edge)──────────────▶ PULL  edge_i   (images)
-    client ──DEALER id=client ─┐
-    edge_i ──DEALER id=edge_i ─┴─────────────▶ ROUTER aggregator (features, hellos, control)
-    aggregator ──ROUTER (by identity)─────────▶ client / edge DEALERs (answers)
+    client ──PUSH (one per edge)──────────────▶ PULL  edge_i   (images)          "receiving" inbox
+    client ──DEALER ─┐
+    edge_i ──DEALER ─┴────────────────────────▶ ROUTER aggregator (features, hellos, control)
+    aggregator ──ROUTER (by connection)───────▶ client / edge DEALERs (answers)  "answering" inbox
     aggregator ──PUSH (one per edge, lazily)──▶ PULL  edge_i   (control)
 
-Why this shape: a ROUTER lets the aggregator answer a client by name over the connection the client
-opened (clients need no address); ``ROUTER_MANDATORY`` turns a send to an unknown or vanished client
-into an error instead of a silent drop. Every outgoing link is its own socket with its own
-high-water mark, so one slow edge fills only its own queue: fan-out to the other edges and fan-in to
-the aggregator go on. ``IMMEDIATE`` on connecting sockets keeps messages from queueing towards a peer
-that is not connected, so a dead edge shows up as a send timeout rather than as memory growth.
+Why this shape: a ROUTER lets the aggregator answer a client over the connection the client opened
+(clients need no address). Every DEALER takes a random 16-byte routing id, never its name: the
+aggregator answers the connection a hello came in on (:meth:`reply`), so a peer that merely claims a
+client's name cannot receive that client's answers. ``ROUTER_MANDATORY`` turns a send to a vanished
+connection into an error instead of a silent drop. Every outgoing link is its own socket with its
+own high-water mark, so one slow edge fills only its own queue. ``IMMEDIATE`` on connecting sockets
+keeps messages from queueing towards a peer that is not connected, so a dead edge shows up as a send
+timeout rather than as memory growth.
+
+With CURVE, the ZAP handler names every admitted connection by its key (``User-Id``, see
+:mod:`devit_mq.transport.security`); :class:`~devit_mq.transport.Peer` carries that name as ``key``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
 
 import zmq
 
-from devit_mq.topology import NodeSpec, Topology, TopologyError
+from devit_mq.topology import Link, Topology
 
 from . import security
-from .base import Transport, TransportError, check_frames
+from .base import Inbound, Peer, Transport, TransportError, check_frames
 
 HEARTBEAT_IVL_MS = 1000  # ZMTP pings detect a peer that vanished without closing its TCP connection
 HEARTBEAT_TIMEOUT_MS = 5000
 ZERO_COPY_BYTES = 64 * 1024
+ROUTING_ID_BYTES = 16  # random, so no peer can guess (and take over) another's connection
+
+_PATTERN_SOCKET = {"request": zmq.DEALER, "push": zmq.PUSH}
 
 
 class ZmqTransport(Transport):
@@ -43,17 +52,17 @@ class ZmqTransport(Transport):
         self.topology = topology
         self.node = node
         self.send_timeout = send_timeout
-        self.spec: NodeSpec | None = self._lookup(node)
-        self.role = self.spec.role if self.spec is not None else "client"
+        self.plan = topology.route_plan(node)
+        self.curve = topology.security.curve
         self._closed = False
         self._ctx = zmq.Context()
         self._auth = None
-        self._inbox: zmq.Socket | None = None   # bound: PULL on an edge, ROUTER on the aggregator
-        self._upstream: zmq.Socket | None = None  # DEALER to the aggregator (edges, clients)
-        self._pushers: dict[str, zmq.Socket] = {}  # per-edge PUSH sockets
+        self._inbox: zmq.Socket | None = None  # bound: ROUTER ("answering") or PULL ("receiving")
+        self._links: dict[str, zmq.Socket] = {}  # peer name -> connected socket
+        self._link_peer: dict[zmq.Socket, Peer] = {}  # who answers on a connected socket
         self._recv_socks: list[zmq.Socket] = []
         self._poller = zmq.Poller()
-        self._ready: deque[list[bytes]] = deque()
+        self._ready: deque[Inbound] = deque()
         try:
             self._setup()
         except BaseException:
@@ -61,16 +70,6 @@ class ZmqTransport(Transport):
             raise
 
     # -- setup ------------------------------------------------------------------------------------
-    def _lookup(self, node: str) -> NodeSpec | None:
-        try:
-            return self.topology.node(node)
-        except TopologyError:
-            encoded = node.encode()
-            if not encoded or len(encoded) > 255 or encoded[0] == 0:
-                raise TransportError(f"{node!r} is not a usable client name (1-255 bytes, not starting "
-                                     "with a NUL byte)") from None
-            return None
-
     def _socket(self, kind: int) -> zmq.Socket:
         limits = self.topology.limits
         sock = self._ctx.socket(kind)
@@ -83,21 +82,23 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         return sock
 
-    def _connect(self, kind: int, peer: NodeSpec) -> zmq.Socket:
-        sock = self._socket(kind)
+    def _connect(self, link: Link) -> zmq.Socket:
+        sock = self._socket(_PATTERN_SOCKET[link.pattern])
         sock.immediate = True
-        if kind == zmq.DEALER:
-            sock.identity = self.node.encode()
-        if self.topology.security.curve:
+        if link.pattern == "request":
+            sock.identity = os.urandom(ROUTING_ID_BYTES)
+        if self.curve:
             assert self.topology.security.keys_dir is not None
-            security.make_client(sock, self.topology.security.keys_dir, self.node, server=peer.name)
-        endpoint = peer.connect_endpoint
-        if endpoint is None:
-            raise TransportError(f"{self.node}: peer {peer.name} has no address in topology {self.topology.name!r}")
+            security.make_client(sock, self.topology.security.keys_dir, self.node, server=link.peer)
+        if link.endpoint is None:
+            raise TransportError(f"{self.node}: peer {link.peer} has no address in topology {self.topology.name!r}")
         try:
-            sock.connect(endpoint)
+            sock.connect(link.endpoint)
         except zmq.ZMQError as exc:
-            raise TransportError(f"{self.node}: cannot connect to {peer.name} at {endpoint}: {exc}") from exc
+            raise TransportError(f"{self.node}: cannot connect to {link.peer} at {link.endpoint}: {exc}") from exc
+        if link.pattern == "request":  # answers come back on it
+            self._link_peer[sock] = Peer(route=None, key=link.peer if self.curve else None)
+            self._watch(sock)
         return sock
 
     def _watch(self, sock: zmq.Socket) -> None:
@@ -105,72 +106,93 @@ class ZmqTransport(Transport):
         self._poller.register(sock, zmq.POLLIN)
 
     def _setup(self) -> None:
-        sec = self.topology.security
-        if self.spec is not None and self.role in ("edge", "aggregator"):
+        plan, sec = self.plan, self.topology.security
+        if plan.inbox is not None:
             if sec.curve:
                 assert sec.keys_dir is not None
                 self._auth = security.start_authenticator(self._ctx, sec.keys_dir)
-            inbox = self._socket(zmq.ROUTER if self.role == "aggregator" else zmq.PULL)
-            if self.role == "aggregator":
+            inbox = self._socket(zmq.ROUTER if plan.inbox == "answering" else zmq.PULL)
+            if plan.inbox == "answering":
                 inbox.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                inbox.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted client takes its name back
             if sec.curve:
                 assert sec.keys_dir is not None
                 security.make_server(inbox, sec.keys_dir, self.node)
-            endpoint = self.spec.bind_endpoint
             try:
-                inbox.bind(endpoint)
+                inbox.bind(plan.bind)
             except zmq.ZMQError as exc:
-                raise TransportError(f"{self.node}: cannot bind {endpoint}: {exc}") from exc
+                raise TransportError(f"{self.node}: cannot bind {plan.bind}: {exc}") from exc
             self._inbox = inbox
             self._watch(inbox)
-        if self.role in ("edge", "client"):
-            self._upstream = self._connect(zmq.DEALER, self.topology.aggregator)
-            self._watch(self._upstream)
-        if self.role == "client":
-            for edge in self.topology.edges:  # connect early: the handshakes overlap the caller's setup
-                self._pushers[edge.name] = self._connect(zmq.PUSH, edge)
+        for link in plan.links:
+            if link.eager:  # connect early: the handshakes overlap the caller's setup
+                self._links[link.peer] = self._connect(link)
 
     # -- interface --------------------------------------------------------------------------------
-    def _route(self, peer: str) -> tuple[zmq.Socket, list[bytes]]:
+    def _link(self, peer: str) -> zmq.Socket:
+        sock = self._links.get(peer)
+        if sock is not None:
+            return sock
         if peer == self.node:
             raise TransportError(f"{self.node}: cannot send to itself")
-        if peer == self.topology.aggregator.name:
-            if self._upstream is None:
-                raise TransportError(f"{self.node}: cannot send to {peer}")
-            return self._upstream, []
-        target = next((e for e in self.topology.edges if e.name == peer), None)
-        if target is not None:
-            sock = self._pushers.get(peer)
-            if sock is None:
-                sock = self._pushers[peer] = self._connect(zmq.PUSH, target)
-            return sock, []
-        if self.role == "aggregator":
-            assert self._inbox is not None
-            return self._inbox, [peer.encode()]
-        raise TransportError(f"{self.node} -> {peer}: no route (only the aggregator can send to clients; "
-                             f"nodes: {', '.join(n.name for n in self.topology.nodes)})")
+        link = self.plan.link(peer)
+        if link is None:
+            known = ", ".join(link.peer for link in self.plan.links) or "none"
+            raise TransportError(f"{self.node} -> {peer}: no route (this node sends to: {known}; the "
+                                 "aggregator answers clients over their own connection)")
+        sock = self._links[peer] = self._connect(link)
+        return sock
 
-    def send(self, peer: str, frames: Sequence[bytes]) -> None:
-        if self._closed:
-            raise TransportError(f"{self.node}: transport is closed")
-        parts = check_frames(self.node, peer, frames, self.topology.limits.max_message_bytes)
-        sock, prefix = self._route(peer)
+    def _send(self, sock: zmq.Socket, parts: list, peer: str) -> None:
         # Zero-copy pays only for large frames (pyzmq's Frame setup costs more than copying a small
         # one), and is safe only for immutable bytes: a bytearray the caller may reuse is copied.
         copy = not all(isinstance(p, bytes) and len(p) >= ZERO_COPY_BYTES for p in parts)
         try:
-            sock.send_multipart(prefix + parts, copy=copy)
+            sock.send_multipart(parts, copy=copy)
         except zmq.Again:
             raise TransportError(f"{self.node} -> {peer}: not accepted within {self.send_timeout:g} s "
                                  "(peer not connected, or its queue is full)") from None
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise TransportError(f"{self.node} -> {peer}: unknown or disconnected peer (a client must "
-                                     "send to the aggregator before it can be answered)") from None
+                raise TransportError(f"{self.node} -> {peer}: that connection is gone") from None
             raise TransportError(f"{self.node} -> {peer}: {exc}") from exc
 
-    def recv(self, timeout: float | None = None) -> list[bytes] | None:
+    def send(self, peer: str, frames: Sequence[bytes]) -> None:
+        if self._closed:
+            raise TransportError(f"{self.node}: transport is closed")
+        parts = check_frames(self.node, peer, frames, self.topology.limits.max_message_bytes)
+        self._send(self._link(peer), parts, peer)
+
+    def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
+        if self._closed:
+            raise TransportError(f"{self.node}: transport is closed")
+        if type(peer.route) is not bytes or self._inbox is None or self.plan.inbox != "answering":
+            raise TransportError(f"{self.node}: cannot answer that peer (no connection to answer over)")
+        name = peer.key or "client"
+        parts = check_frames(self.node, name, frames, self.topology.limits.max_message_bytes)
+        self._send(self._inbox, [peer.route, *parts], name)
+
+    def _take(self, sock: zmq.Socket) -> Inbound | None:
+        try:
+            if self.curve:  # frames as zmq.Frame, to read the authenticated User-Id
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                key = frames[-1].get("User-Id") or None
+                parts = [f.bytes for f in frames]
+            else:
+                parts, key = sock.recv_multipart(zmq.NOBLOCK), None
+        except zmq.Again:
+            return None
+        if sock is not self._inbox:
+            # an answer on one of our own links: the peer is the server that link reaches (under
+            # CURVE we authenticated its key when connecting)
+            return Inbound(parts, self._link_peer[sock])
+        route: bytes | None = None
+        if sock.type == zmq.ROUTER:
+            route, parts = parts[0], parts[1:]  # the connection's routing id
+        if not parts:
+            return None
+        return Inbound(parts, Peer(route=route, key=key))
+
+    def recv(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:
             raise TransportError(f"{self.node}: transport is closed")
         if self._ready:
@@ -184,14 +206,9 @@ class ZmqTransport(Transport):
             # take one message from every ready socket so a busy one cannot starve the others
             for sock in self._recv_socks:
                 if events.get(sock, 0) & zmq.POLLIN:
-                    try:
-                        msg = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        continue
-                    if sock.type == zmq.ROUTER:
-                        msg = msg[1:]  # the sender's identity
-                    if msg:
-                        self._ready.append(msg)
+                    inbound = self._take(sock)
+                    if inbound is not None:
+                        self._ready.append(inbound)
             if self._ready:
                 return self._ready.popleft()
             if deadline is not None and time.monotonic() >= deadline:

@@ -1,7 +1,8 @@
 """devit_mq.wire: everything that crosses a process boundary.
 
-A :class:`Message` is a small msgpack header plus raw payload bytes: two ZeroMQ frames
-(:func:`encode` / :func:`decode`) or one MPI buffer (:func:`pack` / :func:`unpack`). Arrays travel
+A :class:`Message` is a small msgpack header plus raw payload bytes: two frames
+(:func:`encode` / :func:`decode`), which every transport carries opaquely. The typed meta schemas
+and shared constants live in :mod:`devit_mq.protocol`. Arrays travel
 with a codec from :data:`CODECS` (``raw``, ``fp32``, ``fp16``, ``bf16``, ``int8``, ``int8-block``).
 Decoding is strict and raises only :class:`WireError`; nothing is ever pickled.
 """
@@ -20,14 +21,13 @@ from .codecs import (
 )
 from .errors import WireError
 from .limits import DEFAULT_LIMITS, Limits
-from .message import ARRAY_NDIM, MAGIC, WIRE_VERSION, Kind, Message, decode, encode, pack, unpack
+from .message import ARRAY_NDIM, WIRE_VERSION, Kind, Message, decode, encode
 
 __all__ = [
     "ARRAY_NDIM",
     "CODECS",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_LIMITS",
-    "MAGIC",
     "RAW_DTYPES",
     "WIRE_VERSION",
     "Codec",
@@ -40,9 +40,7 @@ __all__ = [
     "decode_array",
     "encode",
     "encode_array",
-    "pack",
     "payload_nbytes",
-    "unpack",
     "use_kernels",
     "warmup",
 ]

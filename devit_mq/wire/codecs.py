@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from devit_mq.kernels import codec as _k
+from devit_mq.protocol import CODEC_NAMES
 
 from .errors import WireError
 
@@ -198,6 +199,7 @@ CODECS: Mapping[str, Codec] = MappingProxyType(
         "int8-block": Codec("int8-block", "int8", 1, True, _int8_encode, _int8_decode),
     }
 )
+assert tuple(CODECS) == CODEC_NAMES, "the codec table and devit_mq.protocol.CODEC_NAMES must list the same names"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,9 +6,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-MiB = 1 << 20
-KiB = 1 << 10
-MAX_HEADER_ITEMS = 64  # entries of any header map or array (the timestamps map is the largest)
+from devit_mq.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_BATCH,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_ITEMS,
+    MAX_META_BYTES,
+    MAX_NAME_LEN,
+    MAX_NDIM,
+)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -21,18 +27,18 @@ class Limits:
 
     ``max_message_bytes`` caps header + payload (checked first, from the frame lengths alone);
     ``max_batch`` caps the rows of an array and the number of request ids; ``max_meta_bytes`` caps the
-    packed ``meta`` map (it travels as its own msgpack blob, so its size is known before it is
-    unpacked); ``max_header_bytes`` caps the header without its meta, which holds only short strings,
+    packed ``meta`` blob (it travels as its own msgpack blob, so its size is known before msgspec
+    decodes it against its kind's schema); ``max_header_bytes`` caps the header without its meta, which holds only short strings,
     the shape and 8 bytes per request id. ``allow_nonfinite`` lets NaN/Inf through in float arrays
     (and non-finite int8 scales); off by default because one NaN token poisons a fused prediction.
     """
 
-    max_message_bytes: int = 64 * MiB
-    max_batch: int = 4096
-    max_meta_bytes: int = 256 * KiB
-    max_header_bytes: int = 64 * KiB
-    max_ndim: int = 8
-    max_name_len: int = 256
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_batch: int = MAX_BATCH
+    max_meta_bytes: int = MAX_META_BYTES
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_ndim: int = MAX_NDIM
+    max_name_len: int = MAX_NAME_LEN
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
@@ -55,10 +61,6 @@ class Limits:
     @cached_property
     def header_unpack_kwargs(self) -> dict[str, Any]:
         return self._unpack_kwargs(self.header_cap, max(MAX_HEADER_ITEMS, self.max_ndim))
-
-    @cached_property
-    def meta_unpack_kwargs(self) -> dict[str, Any]:
-        return self._unpack_kwargs(self.max_meta_bytes, self.max_meta_bytes)
 
     @staticmethod
     def _unpack_kwargs(max_bytes: int, max_items: int) -> dict[str, Any]:

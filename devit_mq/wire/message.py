@@ -1,11 +1,8 @@
 """Messages: a small msgpack header plus raw payload bytes.
 
-On ZeroMQ a message is two frames, ``[header, payload]`` (the payload is ``b""`` when there is no
-array). On MPI it is one buffer (:func:`pack`)::
-
-    b"DVMQ" | uint32 LE header length | header | zero padding to a multiple of 8 | payload
-
-The padding keeps the payload 8-byte aligned whenever the buffer is, so float views need no copy.
+A message is two frames, ``[header, payload]`` (the payload is ``b""`` when there is no array). Every
+transport carries frames opaquely (MPI packs them into one buffer with its own framing, see
+:mod:`devit_mq.transport.mpi`).
 
 The header is a msgpack map with short keys; absent keys mean "empty":
 
@@ -14,15 +11,15 @@ key    field              value
 =====  =================  ===========================================================================
 ``v``  version            int, :data:`WIRE_VERSION`; anything else is rejected
 ``k``  kind               int, a :class:`Kind`
-``s``  source             str, the sending node's name (non-empty)
-``r``  reply_to           str, the client that gets the RESULT
+``s``  source             str, the sending node's name (:data:`~devit_mq.protocol.NAME_RE`)
+``r``  reply_to           str, the client that gets the RESULT (same alphabet)
 ``i``  request_ids        bin, uint64 little-endian, one per array row for IMAGE/FEATURES/RESULT
 ``c``  codec              str, a name in :data:`~devit_mq.wire.codecs.CODECS` (only with an array)
 ``t``  dtype              str, the payload element type (only with an array)
 ``h``  shape              array of ints, the decoded array's shape (only with an array)
 ``b``  block_size         int, elements per int8 scale (only for ``int8-block``)
-``m``  meta               bin, a msgpack map of small extras (packed separately: its size is known
-                          before it is unpacked, and it is unpacked under its own caps)
+``m``  meta               bin, the kind's typed meta (:data:`~devit_mq.protocol.META_SCHEMA`), packed
+                          separately: its size is known before msgspec decodes and validates it
 ``ts`` timestamps         map str -> float, ``time.time()`` per stage
 ``x``  checksum           int, CRC-32 of source, reply_to and the request ids (the routing fields)
 =====  =================  ===========================================================================
@@ -31,13 +28,13 @@ The int8 scales travel at the front of the payload (see :mod:`devit_mq.wire.code
 
 Decoding is strict: every field is type- and range-checked, unknown header keys are rejected, sizes
 are checked against :class:`Limits` before anything is unpacked, msgpack runs with ``raw=False``,
-``strict_map_key=True`` and length caps, and nothing is ever unpickled. Any problem is a
-:class:`WireError` naming the field; no other exception escapes :func:`decode` or :func:`unpack`.
+``strict_map_key=True`` and length caps, the meta is decoded straight into its kind's schema, and
+nothing is ever unpickled. Any problem is a :class:`WireError` naming the field; no other exception
+escapes :func:`decode`.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import struct
 import zlib
@@ -46,7 +43,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import msgspec
 import numpy as np
+
+from devit_mq.protocol import (
+    ARRAY_NDIM,
+    META_DECODERS,
+    META_DEFAULT,
+    META_ENCODER,
+    META_SCHEMA,
+    NAME_RE,
+    WIRE_VERSION,
+    Kind,
+    check_rows,
+)
 
 from .codecs import (
     CODECS,
@@ -61,27 +71,7 @@ from .codecs import (
 from .errors import WireError
 from .limits import DEFAULT_LIMITS, MAX_HEADER_ITEMS, Limits
 
-WIRE_VERSION = 1
-MAGIC = b"DVMQ"
-_PREFIX = struct.Struct("<4sI")
 _MAX_TIMESTAMPS = MAX_HEADER_ITEMS
-_MAX_META_DEPTH = 32
-
-
-class Kind(enum.IntEnum):
-    """What a message is; the int is what travels."""
-
-    IMAGE = 1  # client -> edges: uint8 images [B, H, W, C]
-    FEATURES = 2  # edge -> aggregator: prefix tokens [B, P, D]
-    RESULT = 3  # aggregator -> client: class probabilities [B, C]
-    ERROR = 4  # anyone -> anyone: meta {"code", "message"}
-    HEARTBEAT = 5  # liveness, no array
-    CONTROL = 6  # meta {"op": "hello" | "ready" | "shutdown" | "status", ...}, no array
-
-
-#: kinds that carry an array, with its number of axes; the array's first axis is the batch and must
-#: have one request id per row. The other kinds carry no array (and an empty payload).
-ARRAY_NDIM: dict[Kind, int] = {Kind.IMAGE: 4, Kind.FEATURES: 3, Kind.RESULT: 2}
 _KIND_BY_VALUE = {int(k): k for k in Kind}
 
 
@@ -92,9 +82,10 @@ class Message:
     ``source`` names the sending node; ``request_ids`` are uint64s, one per row of ``array`` for the
     kinds in :data:`ARRAY_NDIM` (IMAGE uint8 ``[B, H, W, C]``, FEATURES float32 ``[B, P, D]``, RESULT
     float32 ``[B, C]``), the requests concerned for the others; ``codec`` says how ``array`` travels
-    (``block_size`` is used by ``int8-block`` only); ``meta`` holds small msgpack-able extras (numpy
-    scalars and arrays are sent as plain numbers and lists); ``timestamps`` maps stage names to
-    ``time.time()`` stamps; ``reply_to`` names the client that gets the RESULT.
+    (``block_size`` is used by ``int8-block`` only); ``meta`` is the kind's typed schema from
+    :data:`devit_mq.protocol.META_SCHEMA` (``None`` gives the kind's default where it has one);
+    ``timestamps`` maps stage names to ``time.time()`` stamps; ``reply_to`` names the client that
+    gets the RESULT.
 
     After :func:`decode`, ``array`` is float32 for every codec but ``raw`` (its own dtype) and may be
     a read-only view of the received frame (see :mod:`devit_mq.wire.codecs`). ``eq=False``: arrays
@@ -106,7 +97,7 @@ class Message:
     request_ids: tuple[int, ...] = ()
     array: np.ndarray | None = None
     codec: str = "fp32"
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Any = None
     timestamps: dict[str, float] = field(default_factory=dict)
     reply_to: str = ""
     block_size: int = DEFAULT_BLOCK_SIZE  # elements per scale for codec "int8-block"
@@ -114,6 +105,8 @@ class Message:
     def __post_init__(self) -> None:
         if type(self.kind) is not Kind:
             self.kind = _kind(self.kind)
+        if self.meta is None:
+            self.meta = META_DEFAULT[self.kind]
 
 
 def _kind(value: object) -> Kind:
@@ -128,19 +121,12 @@ def _kind(value: object) -> Kind:
 # ----------------------------------------------------------------------------------------------
 
 
-def _msgpack_default(obj: Any) -> Any:
-    """Let meta hold numpy scalars and small arrays (they arrive as Python numbers and lists)."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot serialise {type(obj).__name__} in meta")
-
-
 def _check_name(value: object, name: str, *, required: bool, max_len: int) -> str:
-    if type(value) is not str or (required and not value) or len(value) > max_len:
-        need = "a non-empty str" if required else "a str"
-        raise WireError(name, f"must be {need} of at most {max_len} characters, got {value!r:.80}")
+    """Names become routing keys, metrics keys and log text: one safe alphabet (NAME_RE)."""
+    if type(value) is not str or len(value) > max_len or not (NAME_RE.fullmatch(value) or (not required and not value)):
+        need = "a node name" if required else "empty or a node name"
+        raise WireError(name, f"must be {need} (letters, digits, '_.-', at most {max_len} characters), "
+                              f"got {value!r:.80}")
     return value
 
 
@@ -192,8 +178,8 @@ def _header(msg: Message) -> tuple[dict[str, Any], bytes]:
         if enc.codec == "int8-block":
             header["b"] = enc.block_size
         payload = enc.payload
-    if msg.meta:
-        header["m"] = _pack_meta(msg.meta)
+    if msg.meta is not META_DEFAULT[kind]:
+        header["m"] = _pack_meta(kind, msg.meta, len(ids) if ndim is not None else None)
     if msg.timestamps:
         header["ts"] = _check_timestamps(msg.timestamps, DEFAULT_LIMITS.max_name_len)
     header["x"] = _routing_crc(header["s"], header.get("r", ""), header.get("i", b""))
@@ -209,16 +195,23 @@ def _routing_crc(source: str, reply_to: str, raw_ids: bytes) -> int:
     return zlib.crc32(raw_ids, zlib.crc32(f"{source}\0{reply_to}".encode()))
 
 
-def _pack_meta(meta: object) -> bytes:
-    if type(meta) is not dict:
-        raise WireError("meta", f"must be a dict, got {type(meta).__name__}")
+def _pack_meta(kind: Kind, meta: object, rows: int | None) -> bytes:
+    schema = META_SCHEMA[kind]
+    if meta is None or not isinstance(meta, getattr(schema, "__args__", (schema,))):
+        raise WireError("meta", f"{kind.name} meta must be a {_schema_name(kind)}, got {type(meta).__name__}")
     try:
-        packed = msgpack.packb(meta, default=_msgpack_default, use_bin_type=True, strict_types=False)
+        packed = META_ENCODER.encode(meta)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise WireError("meta", f"not msgpack-serialisable: {exc}") from None
-    # Round-trip through the receiver's own checks so a sender learns at once what would be dropped.
-    _unpack_meta(packed, DEFAULT_LIMITS)
+        raise WireError("meta", f"not serialisable: {exc}") from None
+    # Round-trip through the receiver's own checks so a sender learns at once what would be dropped
+    # (about 1 us for the hot kinds' small metas).
+    _unpack_meta(kind, packed, DEFAULT_LIMITS, rows)
     return packed
+
+
+def _schema_name(kind: Kind) -> str:
+    schema = META_SCHEMA[kind]
+    return " | ".join(t.__name__ for t in getattr(schema, "__args__", (schema,)))
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -228,14 +221,6 @@ def encode(msg: Message) -> list[bytes]:
     :class:`Limits` would drop, so a sender's bug shows up at the sender."""
     header, payload = _header(msg)
     return [msgpack.packb(header, use_bin_type=True), payload]
-
-
-def pack(msg: Message) -> bytes:
-    """One buffer for MPI: ``MAGIC | header length | header | pad to 8 | payload``."""
-    header, payload = _header(msg)
-    head = msgpack.packb(header, use_bin_type=True)
-    pad = -(_PREFIX.size + len(head)) % 8
-    return b"".join((_PREFIX.pack(MAGIC, len(head)), head, b"\0" * pad, payload))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,39 +241,22 @@ def _unpackb(data: Any, kwargs: dict[str, Any], what: str) -> Any:
         raise WireError(what, f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def _unpack_meta(packed: object, limits: Limits) -> dict[str, Any]:
+def _unpack_meta(kind: Kind, packed: object, limits: Limits, rows: int | None) -> Any:
     if type(packed) is not bytes:
         raise WireError("meta", "must be a msgpack blob")
     if len(packed) > limits.max_meta_bytes:
         raise WireError("meta", f"{len(packed)} bytes exceed the limit of {limits.max_meta_bytes}")
-    meta = _unpackb(packed, limits.meta_unpack_kwargs, "meta")
-    if type(meta) is not dict:
-        raise WireError("meta", f"must be a map, got {type(meta).__name__}")
-    _check_plain(meta, 0)
+    try:
+        meta = META_DECODERS[kind].decode(packed)
+    except msgspec.ValidationError as exc:
+        raise WireError("meta", f"{kind.name}: {exc}") from None
+    except Exception as exc:  # msgspec.DecodeError and anything else: the blob is garbage
+        raise WireError("meta", f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+    if rows is not None:
+        problem = check_rows(meta, rows)
+        if problem:
+            raise WireError("meta", problem)
     return meta
-
-
-_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
-
-
-def _check_plain(value: Any, depth: int) -> None:
-    """Maps with str keys (msgpack would also allow bytes), nested at most :data:`_MAX_META_DEPTH`
-    deep, so code that walks meta recursively (json, logging) cannot be made to overflow its stack;
-    the recursion here is bounded by that same depth. Extension types never get this far."""
-    if depth > _MAX_META_DEPTH:
-        raise WireError("meta", f"nested deeper than {_MAX_META_DEPTH}")
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise WireError("meta", f"map keys must be str, got {type(key).__name__}")
-            if type(item) not in _SCALARS:
-                _check_plain(item, depth + 1)
-    elif type(value) is list:
-        for item in value:
-            if type(item) not in _SCALARS:
-                _check_plain(item, depth + 1)
-    elif type(value) not in _SCALARS:
-        raise WireError("meta", f"value of type {type(value).__name__} is not allowed")
 
 
 def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, expect_source: str | None) -> Message:
@@ -369,7 +337,12 @@ def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, e
             block = block_size_for(spec, shape[-1], 0)
         array = decode_checked(spec, dtype, shape, block, payload, limits.allow_nonfinite)
 
-    meta = _unpack_meta(header["m"], limits) if "m" in header else {}
+    if "m" in header:
+        meta = _unpack_meta(kind, header["m"], limits, len(ids) if ndim is not None else None)
+    else:
+        meta = META_DEFAULT[kind]
+        if meta is None:
+            raise WireError("meta", f"missing from a {kind.name} message")
     stamps = _check_timestamps(header["ts"], limits.max_name_len) if "ts" in header else {}
     return Message(kind, source, ids, array, codec, meta, stamps, reply_to, block_size)
 
@@ -390,28 +363,3 @@ def decode(
         raise WireError("frames", f"expected 2 frames (header, payload), got {count}")
     return _decode(frames[0], frames[1], limits, expect_kind, expect_source)
 
-
-def unpack(
-    buf: bytes | memoryview | bytearray,
-    limits: Limits = DEFAULT_LIMITS,
-    *,
-    expect_kind: Kind | None = None,
-    expect_source: str | None = None,
-) -> Message:
-    """Decode one :func:`pack` buffer (zero-copy slices of ``buf``); raises only :class:`WireError`."""
-    view = byte_view(buf, "frames")
-    if len(view) < _PREFIX.size:
-        raise WireError("frames", f"buffer of {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
-    magic, head_len = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
-        raise WireError("frames", f"bad magic {magic!r}, expected {MAGIC!r}")
-    if head_len > limits.header_cap:
-        raise WireError("header", f"{head_len} bytes exceed the limit of {limits.header_cap}")
-    start = _PREFIX.size + head_len
-    body = start + (-start % 8)
-    if len(view) < body:
-        raise WireError("frames", f"buffer of {len(view)} bytes is truncated inside the header")
-    if any(view[start:body]):
-        raise WireError("frames", "non-zero padding after the header")
-    view = memoryview(view)
-    return _decode(view[_PREFIX.size:start], view[body:], limits, expect_kind, expect_source)
