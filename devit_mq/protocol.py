@@ -95,7 +95,7 @@ Part = Annotated[int, Meta(ge=0, lt=MAX_PARTS)]
 ClassIndex = Annotated[int, Meta(ge=0, lt=MAX_CLASSES)]
 Millis = Annotated[float, Meta(ge=0.0, le=1e9)]  # finite, non-negative durations
 Count = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
-Name = Annotated[str, Meta(pattern=NAME_RE.pattern + "$", max_length=MAX_NAME_LEN)]
+Name = Annotated[str, Meta(pattern="^" + NAME_RE.pattern + "$", max_length=MAX_NAME_LEN)]  # re.search semantics: anchor both ends
 Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LEN)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT)]
 Short = Annotated[str, Meta(max_length=128)]

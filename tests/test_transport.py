@@ -10,6 +10,7 @@ from devit_mq.transport import (
     FaultyTransport,
     InprocHub,
     InprocTransport,
+    Peer,
     Transport,
     TransportError,
     check_frames,
@@ -35,13 +36,14 @@ def test_inproc_round_trip_between_threads():
 
     def run_edge():
         msg = edge.recv(timeout=5)
-        edge.send("aggregator", [b"feat", *msg])
+        assert msg.peer == Peer(route="aggregator", key="aggregator")  # the hub knows who sent it
+        edge.send("aggregator", [b"feat", *msg.frames])
 
     thread = threading.Thread(target=run_edge)
     thread.start()
     agg.send("edge0", [b"img", buf])
     buf[:] = b"xyz"  # the message in flight is a copy
-    assert agg.recv(timeout=5) == [b"feat", b"img", b"abc"]
+    assert agg.recv(timeout=5).frames == [b"feat", b"img", b"abc"]
     thread.join(5)
     assert agg.recv(timeout=0.01) is None
 
@@ -105,7 +107,7 @@ def pair(**faults):
 def drain(rx, timeout=0.0):
     out = []
     while (msg := rx.recv(timeout)) is not None:
-        out.append(msg)
+        out.append(msg.frames)
     return out
 
 
@@ -169,7 +171,7 @@ def test_delayed_messages_go_out_from_recv():
     b = InprocTransport(hub, "b")
     a.send("b", [b"late"])
     assert a.recv(timeout=0.3) is None  # a's recv released the delayed message while it waited
-    assert b.recv(timeout=0) == [b"late"]
+    assert b.recv(timeout=0).frames == [b"late"]
     a.send("b", [b"dropped with the link"])
     a.close()
     assert b.recv(timeout=0.2) is None
@@ -181,7 +183,7 @@ def test_faults_only_on_selected_peers():
     lossy, fine = InprocTransport(hub, "lossy"), InprocTransport(hub, "fine")
     tx.send("lossy", [b"a"])
     tx.send("fine", [b"b"])
-    assert lossy.recv(0) is None and fine.recv(0) == [b"b"]
+    assert lossy.recv(0) is None and fine.recv(0).frames == [b"b"]
     with pytest.raises(ValueError, match="drop must be a probability"):
         FaultyTransport(tx, drop=1.5)
 

@@ -172,8 +172,9 @@ class ZmqTransport(Transport):
         self._send(self._inbox, [peer.route, *parts], name)
 
     def _take(self, sock: zmq.Socket) -> Inbound | None:
+        inbox = sock is self._inbox
         try:
-            if self.curve:  # frames as zmq.Frame, to read the authenticated User-Id
+            if self.curve and inbox:  # frames as zmq.Frame, to read the User-Id the ZAP handler set
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 key = frames[-1].get("User-Id") or None
                 parts = [f.bytes for f in frames]
@@ -181,7 +182,7 @@ class ZmqTransport(Transport):
                 parts, key = sock.recv_multipart(zmq.NOBLOCK), None
         except zmq.Again:
             return None
-        if sock is not self._inbox:
+        if not inbox:
             # an answer on one of our own links: the peer is the server that link reaches (under
             # CURVE we authenticated its key when connecting)
             return Inbound(parts, self._link_peer[sock])

@@ -178,7 +178,7 @@ def _header(msg: Message) -> tuple[dict[str, Any], bytes]:
         if enc.codec == "int8-block":
             header["b"] = enc.block_size
         payload = enc.payload
-    if msg.meta is not META_DEFAULT[kind]:
+    if msg.meta is None or msg.meta is not META_DEFAULT[kind]:
         header["m"] = _pack_meta(kind, msg.meta, len(ids) if ndim is not None else None)
     if msg.timestamps:
         header["ts"] = _check_timestamps(msg.timestamps, DEFAULT_LIMITS.max_name_len)

@@ -18,7 +18,7 @@ import time
 from mpi4py import MPI
 
 from devit_mq.topology import load_topology
-from devit_mq.transport import TransportError, open_transport
+from devit_mq.transport import Peer, TransportError, open_transport
 from devit_mq.transport.mpi import TAG
 
 COMM = MPI.COMM_WORLD
@@ -54,13 +54,14 @@ def exchange(topology):
             t.send("edge0", frames)
         for frames in MESSAGES:
             answer = t.recv(timeout=30)
-            expect(answer == [b"digest", digest(frames)], f"answer {answer!r:.80}")
+            expect(answer is not None and answer.frames == [b"digest", digest(frames)], f"answer {answer!r:.80}")
+            expect(answer.peer.key == "aggregator", f"peer {answer.peer}")  # the rank names its sender
     elif name == "edge0":
         COMM.Send([b"garbage that is not framed", MPI.BYTE], dest=COMM.Get_rank(), tag=TAG)  # to itself
         for frames in MESSAGES:
             got = t.recv(timeout=30)
-            expect(got == frames, f"edge got {got!r:.80}")
-            t.send("aggregator", got)
+            expect(got is not None and got.frames == frames, f"edge got {got!r:.80}")
+            t.send("aggregator", got.frames)
         # the garbage may still be queued: MPI does not order messages from different sources
         expect(t.recv(timeout=1.0) is None, "unexpected extra message")
         expect(t.dropped == 1, f"dropped {t.dropped}")
@@ -68,7 +69,7 @@ def exchange(topology):
         for _ in MESSAGES:
             got = t.recv(timeout=30)
             expect(got is not None, "aggregator timed out")
-            t.send("client", [b"digest", digest(got)])
+            t.reply(Peer(route="client"), [b"digest", digest(got.frames)])  # by name: MPI routes names
         expect(t.flush(timeout=30), "aggregator could not flush")
         for label, idle_after in (("default", t.idle_after), ("fixed-200us", float("inf"))):
             t.idle_after = idle_after  # "fixed-200us": never back off to the idle interval
