@@ -52,8 +52,20 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def reference(bundle: Path, imgs: np.ndarray, codec: str, missing=()) -> np.ndarray:
+    """In-process ensemble probabilities through the wire codec (``missing`` parts zero-filled)."""
+    from devit_mq.model import load_ensemble
+    from devit_mq.nodes.demo import wire_roundtrip
+
+    ens, manifest = load_ensemble(bundle)
+    with torch.inference_mode():
+        parts = ens.features(manifest.input.to_tensor(imgs))
+        parts = [None if i in missing else wire_roundtrip(p, codec) for i, p in enumerate(parts)]
+        return ens.fuse(parts).softmax(-1).numpy()
+
+
 def write_topology(path: Path, bundle: Path, n_edges: int = 2, transport: str = "zmq", codec: str = "fp32",
-                   attention: str = "torch", **aggregator) -> Path:
+                   attention: str = "torch", security: dict | None = None, **aggregator) -> Path:
     ports = free_ports(n_edges + 1)
     data = {
         "name": path.stem,
@@ -66,6 +78,8 @@ def write_topology(path: Path, bundle: Path, n_edges: int = 2, transport: str = 
         "edges": [{"name": f"edge{i}", "submodel": i, "host": "127.0.0.1", "port": ports[i + 1]}
                   for i in range(n_edges)],
     }
+    if security is not None:
+        data["security"] = security
     if transport == "mpi":
         data["client"] = {"name": "client"}
         for node in [data["aggregator"], *data["edges"]]:

@@ -8,26 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from devit_mq.model import load_ensemble
 from devit_mq.nodes.cli import mpirun_command
-from devit_mq.nodes.demo import wire_roundtrip
 from devit_mq.nodes.launcher import Launcher, LaunchError
 from devit_mq.nodes.runtime import Client
 
-from .runtime_helpers import images, make_bundle, write_topology
+from .runtime_helpers import images, make_bundle, reference, write_topology
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def reference(bundle, imgs, codec, missing=()):
-    ens, manifest = load_ensemble(bundle)
-    with torch.inference_mode():
-        parts = ens.features(manifest.input.to_tensor(imgs))
-        parts = [None if i in missing else wire_roundtrip(p, codec) for i, p in enumerate(parts)]
-        return ens.fuse(parts).softmax(-1).numpy()
 
 
 @pytest.mark.timeout(120)

@@ -70,7 +70,8 @@ class EdgeNode(NodeBase):
             jobs = self.batcher.take_due()
             if jobs:
                 self._process(jobs)
-            self._heartbeat()
+            if self.running:  # not after a shutdown: the aggregator may be gone, the send would wait
+                self._heartbeat()
 
     def _dispatch(self, msg: Message) -> None:
         if msg.kind == Kind.IMAGE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from devit_mq.protocol import ENV_ADMIN_TOKEN, ENV_INSTANCE
 from devit_mq.topology import NodeSpec, Topology, load_topology
 from devit_mq.transport import open_transport
 
-from .client import CLIENT_SEND_TIMEOUT_S, ClientNode, default_client_name
-from .runtime import make_client
+from .client import CLIENT_SEND_TIMEOUT_S, ClientNode
+from .runtime import client_name, make_client
 
 log = logging.getLogger("devit_mq.launch")
 
@@ -62,6 +64,10 @@ class Launcher:
         self.ready_timeout_s = ready_timeout_s
         self.python = python
         self.processes: list[NodeProcess] = []
+        # per-launch secrets: the nodes this launch starts obey shutdown only with admin_token (a
+        # remote peer never sees it), and report instance so a second launch can tell them apart
+        self.instance = secrets.token_hex(8)
+        self.admin_token = secrets.token_hex(16)
         self.client: ClientNode | None = None
         self.status: dict = {}
 
@@ -77,9 +83,9 @@ class Launcher:
             if is_local(spec):
                 self.processes.append(self._spawn(spec))
         try:
-            name = default_client_name()
+            name = client_name(self.topology, admin=True)
             transport = open_transport(self.topology, name, send_timeout=CLIENT_SEND_TIMEOUT_S)
-            self.client = make_client(self.topology, transport, name)
+            self.client = make_client(self.topology, transport, name, admin_token=self.admin_token)
             self.status = self.client.connect(self.ready_timeout_s, alive=self.check_alive)
         except BaseException:
             self.stop()
@@ -89,7 +95,7 @@ class Launcher:
     def _spawn(self, spec: NodeSpec) -> NodeProcess:
         log_path = self.log_dir / f"{spec.name}.log"
         cmd = [self.python, "-m", "devit_mq.cli", "node", str(self.topology_path), "--name", spec.name]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{ENV_ADMIN_TOKEN: self.admin_token, ENV_INSTANCE: self.instance})
         with log_path.open("wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)  # Ctrl-C reaches the launcher, which stops nodes in order
