@@ -14,10 +14,10 @@ import time
 import msgpack
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devit_mq.bench.hostile import HOSTILE_FEATURE_METAS, Raw, features_msg, tamper_meta
 from devit_mq.nodes.launcher import Launcher
 from devit_mq.nodes.runtime import Client
 from devit_mq.protocol import (
@@ -44,51 +44,6 @@ pytestmark = pytest.mark.timeout(240)
 
 IMGS = images(8, seed=5)
 RSS_GROWTH_MB = 40  # what a node may grow by over a whole attack (it grew by 90 MB under one before)
-
-
-class Raw:
-    """Raw pyzmq sockets towards a topology's servers: what an attacker on the network has."""
-
-    def __init__(self, topology, identity: bytes | None = None):
-        self.ctx = zmq.Context()
-        self.topology = topology
-        self.socks: dict[str, zmq.Socket] = {}
-        self.identity = identity
-
-    def sock(self, peer: str) -> zmq.Socket:
-        if peer not in self.socks:
-            kind = zmq.DEALER if peer == self.topology.aggregator.name else zmq.PUSH
-            s = self.ctx.socket(kind)
-            s.linger = 0
-            s.sndtimeo = 2000
-            if kind == zmq.DEALER and self.identity is not None:
-                s.identity = self.identity
-            s.connect(self.topology.node(peer).connect_endpoint)
-            self.socks[peer] = s
-        return self.socks[peer]
-
-    def send(self, peer: str, frames) -> None:
-        self.sock(peer).send_multipart(frames)
-
-    def recv(self, timeout_s: float):
-        s = self.sock(self.topology.aggregator.name)
-        return s.recv_multipart() if s.poll(int(timeout_s * 1000)) else None
-
-    def close(self) -> None:
-        self.ctx.destroy(linger=0)
-
-
-def tamper_meta(msg: Message, meta: object) -> list[bytes]:
-    """``msg`` encoded, with its meta blob replaced by ``meta`` (packed as it is) and no checksum."""
-    head, body = encode(msg)
-    header = msgpack.unpackb(head)
-    header["m"] = msgpack.packb(meta)
-    return [msgpack.packb(header), body]
-
-
-def features_msg(source="edge0", part=0, width=32, reply_to="mallory", rid=1) -> Message:
-    return Message(Kind.FEATURES, source, (rid,), np.zeros((1, 1, width), np.float32), reply_to=reply_to,
-                   meta=FeaturesMeta(part=part))
 
 
 class Live:
@@ -136,8 +91,7 @@ def test_hostile_feature_and_ready_meta_is_refused(live):
     before = live.counters("aggregator")
     raw = Raw(live.topology)
     base = features_msg()
-    bad = [{"part": [0]}, {"part": 0.0}, {"part": 0, "compute_ms": "abc"}, {"part": 0, "queue_ms": None},
-           {"part": 0, "compute_ms": float("nan")}, {"part": 2**63}]
+    bad = HOSTILE_FEATURE_METAS
     for meta in bad:
         raw.send("aggregator", tamper_meta(base, meta))
     raw.send("aggregator", tamper_meta(Message(Kind.CONTROL, "edge0", meta=Ready(part=0)), {"op": "ready", "part": [0]}))

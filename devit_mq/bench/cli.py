@@ -15,13 +15,15 @@ from collections.abc import Sequence
 TARGETS: dict[str, str] = {
     "wire": "devit_mq.bench.wire:main",
     "kernels": "devit_mq.bench.kernels:main",
+    "hostile": "devit_mq.bench.hostile:main",
 }
 RUNTIME = "devit_mq.bench.runtime:main"
 
-USAGE = """usage: devit-mq bench {wire | kernels | TOPOLOGY.yaml} [ARGS...]
+USAGE = """usage: devit-mq bench {wire | kernels | hostile | TOPOLOGY.yaml} [ARGS...]
 
   wire           bytes and encode/decode time of each wire codec
   kernels        attention backends side by side
+  hostile        hostile-peer attacks against a launched topology: alive, correct, RSS, recovery
   TOPOLOGY.yaml  end-to-end latency and throughput of a running topology
 
 Run 'devit-mq bench TARGET --help' for a target's options."""
