@@ -159,7 +159,7 @@ def edge_inbox(data, ready, pause_s):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             msg = t.recv(timeout=1)
-            if msg == [b"probe"]:
+            if msg is not None and msg.frames == [b"probe"]:
                 return
         raise SystemExit(3)
 

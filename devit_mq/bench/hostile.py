@@ -51,7 +51,6 @@ class Raw:
         if peer not in self.socks:
             kind = zmq.DEALER if peer == self.topology.aggregator.name else zmq.PUSH
             s = self.ctx.socket(kind)
-            s.linger = 0
             s.sndtimeo = 2000
             if kind == zmq.DEALER and self.identity is not None:
                 s.identity = self.identity
@@ -66,8 +65,9 @@ class Raw:
         s = self.sock(self.topology.aggregator.name)
         return s.recv_multipart() if s.poll(int(timeout_s * 1000)) else None
 
-    def close(self) -> None:
-        self.ctx.destroy(linger=0)
+    def close(self, linger_s: float = 2.0) -> None:
+        """Give what was sent a moment to leave (an attacker's frames must arrive to be measured)."""
+        self.ctx.destroy(linger=int(linger_s * 1000))
 
 
 def tamper_meta(msg: Message, meta: object) -> list[bytes]:

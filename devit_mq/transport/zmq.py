@@ -35,8 +35,14 @@ from devit_mq.topology import Link, Topology
 from . import security
 from .base import Inbound, Peer, Transport, TransportError, check_frames
 
-HEARTBEAT_IVL_MS = 1000  # ZMTP pings detect a peer that vanished without closing its TCP connection
-HEARTBEAT_TIMEOUT_MS = 5000
+# Kernel TCP keepalives, not ZMTP heartbeats (HEARTBEAT_IVL), detect a peer that vanished without
+# closing its connection: libzmq 4.3.5 (unfixed on master) aborts the process with "Assertion failed:
+# !_io_error (stream_engine_base.cpp:310)" when a connection whose receive queue is full (input stopped
+# at the high-water mark) is reset by its peer (a flood, then close with linger 0) and the engine
+# writes before the queue drains: the reset only sets _io_error, and the heartbeat timer's ping asserts
+# on it. Any peer can do that to a bound inbox. (A pong to a PING inside the flood asserts the same way:
+# our sockets send no PINGs; a hand-written ZMTP peer still can.)
+TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTVL_S, TCP_KEEPALIVE_CNT = 5, 1, 5  # ~10 s on an idle link
 ZERO_COPY_BYTES = 64 * 1024
 ROUTING_ID_BYTES = 16  # random, so no peer can guess (and take over) another's connection
 
@@ -78,8 +84,10 @@ class ZmqTransport(Transport):
         sock.rcvhwm = limits.hwm
         sock.maxmsgsize = limits.max_message_bytes  # a larger frame disconnects its sender
         sock.sndtimeo = max(1, int(self.send_timeout * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)  # no HEARTBEAT_IVL: see TCP_KEEPALIVE_IDLE_S (libzmq abort)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
         return sock
 
     def _connect(self, link: Link) -> zmq.Socket:
