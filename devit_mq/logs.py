@@ -27,12 +27,12 @@ class RateLimitedLog:
         if not self.logger.isEnabledFor(level):
             return
         now = time.monotonic()
+        if key not in self._last and len(self._last) >= self.max_keys:
+            key = "other"  # before the throttle lookup, so the shared key is rate-limited too
         last = self._last.get(key)
         if last is not None and now - last < self.interval_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
-        if last is None and len(self._last) >= self.max_keys:
-            key = "other"
         folded = self._suppressed.pop(key, 0)
         self._last[key] = now
         if folded:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -70,8 +70,9 @@ ADMIN_KEY = "admin"
 ENV_ADMIN_TOKEN = "DEVIT_MQ_ADMIN_TOKEN"
 ENV_INSTANCE = "DEVIT_MQ_INSTANCE"
 
-ERROR_CODES = ("bad_input", "missing_features", "overloaded", "shutdown", "unauthorized", "error")
 ErrorCode = Literal["bad_input", "missing_features", "overloaded", "shutdown", "unauthorized", "error"]
+ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
+MAX_CLASS_NAME = 96  # characters of one class name in a status reply (checked against the bundle)
 
 
 class Kind(enum.IntEnum):
@@ -118,7 +119,7 @@ class FeaturesMeta(_Schema):
     part: Part
     compute_ms: Millis = 0.0  # the batch's forward time on the edge
     queue_ms: Millis = 0.0  # this request's wait on the edge before its batch started
-    batch: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1  # images in that batch
+    batch: Annotated[int, Meta(ge=1, le=1 << 20)] = 1  # images in that compute batch (queued jobs add up)
 
 
 class StageTimes(_Schema):
@@ -203,7 +204,7 @@ class Status(_Op, tag="status_reply"):
     parts: Annotated[int, Meta(ge=0, le=MAX_PARTS)] = 0
     pending: Count = 0
     nodes: Annotated[dict[Name, Telemetry], Meta(max_length=MAX_NODES)] = {}
-    classes: Annotated[list[Annotated[str, Meta(max_length=MAX_KEY_LEN)]], Meta(max_length=MAX_CLASSES)] = []
+    classes: Annotated[list[Annotated[str, Meta(max_length=MAX_CLASS_NAME)]], Meta(max_length=MAX_CLASSES)] = []
     codec: Short = ""
     image_shape: Annotated[list[Annotated[int, Meta(ge=1, le=1 << 16)]], Meta(max_length=3)] = []
     instance: Token = ""  # the launch that started the aggregator (ENV_INSTANCE), "" if none
@@ -235,6 +236,13 @@ def check_rows(meta: object, rows: int) -> str | None:
     return None
 
 
-def to_builtins(value: object) -> object:
-    """Plain dicts/lists of a schema value (for JSON reports and the user-facing status dict)."""
-    return msgspec.to_builtins(value)
+def to_builtins(value: Any) -> Any:
+    """Plain dicts/lists of a schema value, every field included (defaults too: a user-facing dict
+    keeps its keys whatever their values), for JSON reports and the client's status dict."""
+    if isinstance(value, Struct):
+        return {f: to_builtins(getattr(value, f)) for f in value.__struct_fields__}
+    if isinstance(value, dict):
+        return {k: to_builtins(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_builtins(v) for v in value]
+    return value

@@ -27,9 +27,9 @@ from devit_mq.transport import Peer
 from devit_mq.wire import Message, decode, encode
 
 ROSTER = Roster("aggregator", {0: "edge0", 1: "edge1"}, frozenset({"admin"}), admin_token="s3cret")
-AGG = Authorizer(ROSTER, {Kind.FEATURES, Kind.ERROR, Kind.HEARTBEAT, Kind.CONTROL})
-EDGE = Authorizer(ROSTER, {Kind.IMAGE, Kind.CONTROL})
-CLIENT = Authorizer(ROSTER, {Kind.RESULT, Kind.ERROR, Kind.CONTROL})
+AGG = Authorizer(ROSTER, "aggregator", {Kind.FEATURES, Kind.ERROR, Kind.HEARTBEAT, Kind.CONTROL})
+EDGE = Authorizer(ROSTER, "edge", {Kind.IMAGE, Kind.CONTROL})
+CLIENT = Authorizer(ROSTER, "client", {Kind.RESULT, Kind.ERROR, Kind.CONTROL})
 NOBODY = Peer()  # ZeroMQ without CURVE: no authenticated name
 
 
@@ -86,24 +86,46 @@ def test_rules(auth, msg, peer, allowed):
 
 
 def test_a_node_without_a_token_takes_no_remote_shutdown():
-    auth = Authorizer(Roster("aggregator", {0: "edge0"}), {Kind.CONTROL})
+    auth = Authorizer(Roster("aggregator", {0: "edge0"}), "edge", {Kind.CONTROL})
     assert auth.check(control("x", Shutdown()), NOBODY) is not None
     assert auth.check(control("x", Shutdown(token="")), NOBODY) is not None
 
 
 def test_client_table_binds_names_to_connections():
-    table = ClientTable(capacity=2)
+    table = ClientTable(capacity=3)
     a, b = Peer(b"route-a"), Peer(b"route-b")
     assert table.bind("alice", a, alive=lambda old: True)
     assert not table.bind("alice", b, alive=lambda old: True)  # alice's connection is alive: refused
     assert table.route("alice") == a
     assert table.bind("alice", b, alive=lambda old: False)  # the old connection is gone: rebinds
     assert table.route("alice") == b
-    keyed = Peer(b"route-c", key="alice")
-    assert table.bind("alice-k", keyed, alive=lambda old: True)
-    assert table.bind("alice-k", Peer(b"route-d", key="alice"), alive=lambda old: True)  # same key, new connection
-    table.bind("carol", Peer(b"c"), alive=lambda old: True)
-    assert len(table) == 2 and table.route("alice") is None  # least recently used out
+    # a personal key rebinds its own name from a new connection; a shared key does not
+    assert table.bind("dave", Peer(b"d1", key="dave"), alive=lambda old: True)
+    assert table.bind("dave", Peer(b"d2", key="dave"), alive=lambda old: True)
+    assert table.bind("client.x", Peer(b"x1", key="client"), alive=lambda old: True)
+    assert not table.bind("client.x", Peer(b"x2", key="client"), alive=lambda old: True)
+    assert len(table) == 3
+
+
+def test_client_table_cannot_be_flushed_by_hellos_from_one_connection():
+    """4096 hellos under fresh names from one connection used to evict a live client's binding."""
+    table = ClientTable(capacity=8)
+    victim = Peer(b"victim")
+    assert table.bind("victim", victim, alive=lambda old: True)
+    attacker = Peer(b"attacker")
+    for i in range(10_000):
+        table.bind(f"fresh-{i}", attacker, alive=lambda old: True)
+    assert table.route("victim") == victim and len(table) == 2  # one name per connection
+    assert not table.bind("victim", attacker, alive=lambda old: True)
+
+
+def test_client_table_evicts_the_least_recently_used():
+    table = ClientTable(capacity=2)
+    table.bind("a", Peer(b"a"), alive=lambda old: True)
+    table.bind("b", Peer(b"b"), alive=lambda old: True)
+    table.route("a")  # in use: refreshed
+    table.bind("c", Peer(b"c"), alive=lambda old: True)
+    assert table.route("a") is not None and table.route("b") is None
 
 
 def test_metrics_stay_bounded_whatever_the_names():

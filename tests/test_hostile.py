@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import time
 
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devit_mq.bench.hostile import HOSTILE_FEATURE_METAS, Raw, features_msg, tamper_meta
+from devit_mq.bench.hostile import (
+    HOSTILE_FEATURE_METAS,
+    Raw,
+    Target,
+    attack_deaf_flood,
+    features_msg,
+    tamper_meta,
+)
 from devit_mq.nodes.launcher import Launcher
 from devit_mq.nodes.runtime import Client
 from devit_mq.protocol import (
@@ -36,7 +42,7 @@ from devit_mq.topology import load_topology
 from devit_mq.transport import TransportError
 from devit_mq.transport.security import create_keys
 from devit_mq.transport.zmq import ZmqTransport
-from devit_mq.wire import Message, encode
+from devit_mq.wire import Message, decode, encode
 
 from .runtime_helpers import images, make_bundle, reference, write_topology
 
@@ -200,8 +206,20 @@ def test_a_connection_claiming_a_live_clients_name_gets_none_of_its_answers(live
             stolen.append(frames)
         hijacker.close()
     assert got == 12
-    assert all(msgpack.unpackb(f[0])["k"] == int(Kind.CONTROL) for f in stolen), "a result reached the hijacker"
+    got_back = [decode(f) for f in stolen]
+    assert got_back, "the refused hello is answered with an explicit error"
+    assert all(m.kind == Kind.ERROR and m.meta.code == "unauthorized" and not m.request_ids for m in got_back), \
+        [(m.kind, m.meta) for m in got_back]  # nothing of the victim's reached the hijacker
     live.wait_count("aggregator", "identity_conflicts", 1)
+    live.alive()
+
+
+def test_a_connection_that_never_reads_does_not_stall_the_aggregator(live):
+    """Replies to a full connection are dropped at once (counted), never waited for."""
+    sent = attack_deaf_flood(Target(live.topology, IMGS[:1], "", ()), 20_000)
+    assert sent == 20_000
+    live.check_serving()  # with a 5 s wait per reply past the full queue this could not answer
+    live.wait_count("aggregator", "send_failed.other", 1)
     live.alive()
 
 

@@ -173,7 +173,7 @@ def array_messages(draw: st.DrawFn) -> Message:
             array = draw(hnp.arrays(dtype, shape))
     else:
         array = draw(hnp.arrays(np.float32, shape, elements=values))
-    ids = tuple(draw(st.lists(st.integers(0, 2**64 - 1), min_size=shape[0], max_size=shape[0])))
+    ids = tuple(draw(st.lists(st.integers(0, 2**64 - 1), min_size=shape[0], max_size=shape[0], unique=True)))
     return Message(
         kind, draw(names), request_ids=ids, array=array, codec=codec, block_size=draw(st.integers(1, 12)),
         meta=draw(meta_for(kind, shape[0])),
@@ -616,3 +616,8 @@ def test_routing_checksum_catches_a_corrupted_request_id():
     header["i"] = msgpack.unpackb(head)["i"]
     header["r"] = "client-2"
     assert_wire_error("checksum", [msgpack.packb(header), body])
+
+
+def test_duplicate_request_ids_on_rows_are_refused():
+    """One row per request: a repeated id would let one message pin or overwrite another row."""
+    assert_wire_error("request_ids", tamper(feature_msg(), i=struct.pack("<2Q", 5, 5)))

@@ -192,6 +192,17 @@ def attack_hijack(t: Target, n: int) -> int:
     return sent
 
 
+def attack_deaf_flood(t: Target, n: int) -> int:
+    """Status queries and hellos from a connection that never reads its replies (each reply used to
+    wait the send timeout once that connection's queue was full, stalling every client)."""
+    raw = Raw(t.topology)
+    for i in range(n):
+        op = Hello() if i % 2 else StatusQuery()
+        raw.send(t.topology.aggregator.name, encode(Message(Kind.CONTROL, "deaf", meta=op)))
+    raw.close(linger_s=5.0)
+    return n
+
+
 def attack_random_frames(t: Target, n: int) -> int:
     rng = np.random.default_rng(0)
     raw, sent = Raw(t.topology), 0
@@ -235,6 +246,7 @@ ATTACKS: dict[str, tuple[Callable[[Target, int], int], str]] = {
     "admin ops": (attack_admin_ops, "shutdown to every node without the launch's token"),
     "spoofed errors": (attack_spoofed_errors, "ERROR/FEATURES from a stranger naming a live client's requests"),
     "hijack": (attack_hijack, "connections taking a live client's name and saying hello"),
+    "deaf flood": (attack_deaf_flood, "status queries from a connection that never reads its replies"),
     "random frames": (attack_random_frames, "random bytes as two frames"),
     "PUSH flood": (attack_push_flood, "50 PUSH sockets flood the edges, then close with linger 0"),
 }

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from devit_mq.metrics import percentiles
-from devit_mq.transport import Inbound, Transport
-from devit_mq.wire import Kind, WireError, decode
+from devit_mq.transport import Inbound, Peer, Transport
+from devit_mq.wire import Kind, Limits, WireError, decode
 
 from . import report
 from .bundles import SHAPES
@@ -177,17 +177,21 @@ class Ledger:
 class AnswerTap(Transport):
     """Sees every message a client receives before the client library deduplicates answers."""
 
-    def __init__(self, inner: Transport, ledger: Ledger) -> None:
+    def __init__(self, inner: Transport, ledger: Ledger, limits: Limits | None = None) -> None:
         self.inner, self.ledger, self.node = inner, ledger, inner.node
+        self.limits = limits or Limits()
 
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
         self.inner.send(peer, frames)
+
+    def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
+        self.inner.reply(peer, frames)
 
     def recv(self, timeout: float | None = None) -> Inbound | None:
         inbound = self.inner.recv(timeout)
         if inbound is not None:
             try:
-                msg = decode(inbound.frames)
+                msg = decode(inbound.frames, self.limits)
             except WireError:
                 return inbound  # the client counts and drops it
             if msg.kind in (Kind.RESULT, Kind.ERROR):
@@ -206,7 +210,9 @@ def open_client(topology, name: str, cfg: StressConfig, ledger: Ledger | None, f
 
     transport: Transport = open_transport(topology, name, send_timeout=cfg.send_timeout_s)
     if ledger is not None:
-        transport = AnswerTap(transport, ledger)
+        from devit_mq.nodes.runtime import wire_limits
+
+        transport = AnswerTap(transport, ledger, wire_limits(topology))
         if cfg.client_faults is not None:
             transport = cfg.client_faults.wrap(transport, seed=cfg.seed * 1000 + fault_seed)
     client = make_client(topology, transport, name, timeout_s=cfg.timeout_s)
@@ -347,7 +353,7 @@ def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = Fals
                log_dir: Path | None = None, launcher: FaultLauncher | None = None) -> dict[str, Any]:
     """One stress run. ``launch`` starts (and finally stops) the topology; a caller that runs several
     passes ``launcher`` instead (already started, left running)."""
-    from devit_mq.nodes.client import default_client_name
+    from devit_mq.nodes.runtime import client_name
     from devit_mq.topology import load_topology
 
     topology = load_topology(topology_path)
@@ -378,7 +384,7 @@ def run_stress(topology_path: str | Path, cfg: StressConfig, launch: bool = Fals
         if cfg.standalone:
             result["standalone"] = standalone_throughput(topology, seed=cfg.seed)
         ledger = Ledger()
-        base = default_client_name()
+        base = client_name(topology)  # under CURVE: client.<random>, on the shared client pair
         n_clients = cfg.clients or 1
         clients = [open_client(topology, f"{base}-{i}", cfg, ledger, fault_seed=i) for i in range(n_clients)]
         monitor_client = open_client(topology, f"{base}-monitor", cfg, None)

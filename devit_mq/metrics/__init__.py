@@ -110,11 +110,12 @@ class Metrics:
         self.bytes.add(link, n)
 
     def observe(self, stage: str, seconds: float) -> None:
+        stage = stage[:MAX_KEY_LEN]
         buf = self._samples.get(stage)
         if buf is None:
             if len(self._samples) >= MAX_STAGES:
                 return  # stage names are the code's own: a cap hit is a bug, not an attack
-            buf = self._samples[stage[:MAX_KEY_LEN]] = []
+            buf = self._samples[stage] = []
         if len(buf) < self.max_samples:
             buf.append(seconds)
         else:  # ring buffer: overwrite the oldest sample

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from devit_mq.protocol import (
+    MAX_TEXT,
+    MISSING_POLICIES,
     ErrorMeta,
     FeaturesMeta,
     Hello,
@@ -37,11 +39,13 @@ from devit_mq.transport import Peer, Transport
 from devit_mq.wire import Limits, Message
 
 from .auth import ClientTable, Roster
-from .base import EDGE_SILENCE_S, NodeBase
+from .base import EDGE_SILENCE_S, NodeBase, Sent
 from .executor import FusionExecutor
 from .join import JoinTable, Key, Pending
 
 log = logging.getLogger("devit_mq.nodes.aggregator")
+
+STATUS_CACHE_S = 0.25  # a status reply costs psutil and percentiles: built at most this often
 
 
 class AggregatorNode(NodeBase):
@@ -64,7 +68,7 @@ class AggregatorNode(NodeBase):
         info: dict | None = None,
     ) -> None:
         super().__init__(name, transport, roster, limits)
-        if missing_policy not in ("degrade", "error"):
+        if missing_policy not in MISSING_POLICIES:
             raise ValueError(f"missing_policy must be 'degrade' or 'error', got {missing_policy!r}")
         self.fusion = fusion
         self.in_dims = list(in_dims)
@@ -80,6 +84,7 @@ class AggregatorNode(NodeBase):
         self.ready_parts: set[int] = set()
         self.last_seen: dict[int, float] = {}  # part -> time.monotonic() of its edge's last message
         self.edge_telemetry: dict[str, Telemetry] = {}  # latest heartbeat of each edge (by owner name)
+        self._status: tuple[float, Status] | None = None
         self.metrics.info = {"role": "aggregator", "policy": missing_policy, "deadline_ms": deadline_ms}
 
     # -- loop -----------------------------------------------------------------------------------
@@ -93,8 +98,8 @@ class AggregatorNode(NodeBase):
                     self.handle_safely(self._dispatch, msg)
                     drained += 1
                     msg = self.receive(0) if drained < 256 and self.running else None
-                self._fuse_complete()
-                self._expire(time.monotonic())
+                self.step_safely(self._fuse_complete)
+                self.step_safely(self._expire, time.monotonic())
         finally:
             self._answer_all_pending("aggregator shutting down")
 
@@ -105,13 +110,11 @@ class AggregatorNode(NodeBase):
         elif kind == Kind.ERROR:
             self._on_error(msg)
         elif kind == Kind.HEARTBEAT:
-            self.last_seen[meta.part] = time.monotonic()
-            self.ready_parts.add(meta.part)
+            self._edge_alive(meta.part)
             if meta.telemetry is not None:
                 self.edge_telemetry[msg.source] = meta.telemetry
         elif isinstance(meta, Ready):
-            self.last_seen[meta.part] = time.monotonic()
-            self.ready_parts.add(meta.part)
+            self._edge_alive(meta.part)
             log.info("%s: edge %s (part %s) is ready", self.name, msg.source, meta.part)
         elif isinstance(meta, Hello):
             self._on_hello(msg)
@@ -124,6 +127,10 @@ class AggregatorNode(NodeBase):
             self.metrics.count("ignored_messages")
 
     # -- handlers ---------------------------------------------------------------------------------
+    def _edge_alive(self, part: int) -> None:
+        self.last_seen[part] = time.monotonic()
+        self.ready_parts.add(part)
+
     def _on_hello(self, msg: Message) -> None:
         peer = self.last_peer
         assert peer is not None
@@ -131,19 +138,25 @@ class AggregatorNode(NodeBase):
             self.metrics.count("identity_conflicts")
             self.log.warning("identity", "%s: refused hello from a second connection claiming %r (its first "
                              "connection is alive)", self.name, msg.source)
+            self.send(peer, Message(Kind.ERROR, self.name, reply_to=msg.source, meta=ErrorMeta(
+                code="unauthorized", message=f"client name {msg.source!r} is bound to another live connection")))
             return
         self.control(peer, self.status())
 
     def _probe(self, old: Peer) -> bool:
-        """Is a bound connection still there? A status reply to it either goes out or fails at once
-        (a vanished ROUTER peer is refused immediately)."""
-        return self.control(old, self.status(), expect_failure=True)
+        """Is a bound connection still there? A tiny message to it fails at once with ``GONE`` if
+        the connection vanished; anything else (delivered, or a full queue) means it is there."""
+        return self.control(old, Hello(), expect_failure=True) is not Sent.GONE
 
     def status(self) -> Status:
-        nodes = {**self.edge_telemetry, self.name: self.metrics.telemetry()}
-        return Status(ready=sorted(self.ready_parts), parts=self.num_parts, pending=len(self.table.pending),
-                      nodes=nodes, classes=list(self.info.get("classes", [])), codec=str(self.info.get("codec", "")),
-                      image_shape=list(self.info.get("image_shape", [])), instance=str(self.info.get("instance", "")))
+        now = time.monotonic()
+        if self._status is None or now - self._status[0] > STATUS_CACHE_S:
+            nodes = {**self.edge_telemetry, self.name: self.metrics.telemetry()}
+            self._status = (now, Status(
+                ready=sorted(self.ready_parts), parts=self.num_parts, pending=len(self.table.pending), nodes=nodes,
+                classes=list(self.info.get("classes", [])), codec=str(self.info.get("codec", "")),
+                image_shape=list(self.info.get("image_shape", [])), instance=str(self.info.get("instance", ""))))
+        return self._status[1]
 
     def _on_features(self, msg: Message) -> None:
         meta: FeaturesMeta = msg.meta
@@ -172,9 +185,8 @@ class AggregatorNode(NodeBase):
 
     # -- fusing -----------------------------------------------------------------------------------
     def _fuse_complete(self) -> None:
-        done = self.table.take_complete()
-        for lo in range(0, len(done), self.max_fuse_batch):
-            self._fuse(done[lo: lo + self.max_fuse_batch])
+        for keys in self.table.chunks(self.table.take_complete(), self.max_fuse_batch):
+            self._fuse(keys)
 
     def _expire(self, now: float) -> None:
         silent = {p for p, t in self.last_seen.items() if now - t > EDGE_SILENCE_S}
@@ -182,8 +194,8 @@ class AggregatorNode(NodeBase):
         if not expired:
             return
         if self.policy == "degrade":
-            for lo in range(0, len(expired), self.max_fuse_batch):
-                self._fuse(expired[lo: lo + self.max_fuse_batch])
+            for keys in self.table.chunks(expired, self.max_fuse_batch):
+                self._fuse(keys)
         else:
             for key, entry in zip(expired, self.table.pop(expired), strict=True):
                 self._send_error(key[0], [key[1]], "missing_features",
@@ -209,7 +221,7 @@ class AggregatorNode(NodeBase):
             self.metrics.count("fusion_errors")
             self.log.log(logging.ERROR, "fusion", "%s: fusion failed: %s", self.name, exc, exc_info=True)
             for key in keys:
-                self._send_error(key[0], [key[1]], "error", f"fusion failed: {exc}"[:1000])
+                self._send_error(key[0], [key[1]], "error", f"fusion failed: {exc}")
             return
         fuse_ms = (time.perf_counter() - start) * 1e3
         self.metrics.observe("fuse", fuse_ms / 1e3)
@@ -239,16 +251,16 @@ class AggregatorNode(NodeBase):
             self.log.warning("unroutable", "%s: no connection for client %r (it never said hello): answer dropped",
                              self.name, client)
             return False
-        if not self.send(peer, msg):
+        sent = self.send(peer, msg)
+        if sent is Sent.GONE:
             self.clients.forget(client)  # that connection is gone: the next hello may bind the name
-            return False
-        return True
+        return bool(sent)
 
     def _send_error(self, client: str, ids: list[int], code: str, text: str) -> None:
         if not ids:
             return
         self._to_client(client, Message(Kind.ERROR, self.name, request_ids=tuple(ids), reply_to=client,
-                                        meta=ErrorMeta(code=code, message=text[:1000])))
+                                        meta=ErrorMeta(code=code, message=text[:MAX_TEXT])))
         self.metrics.count(f"errors.{code}", len(ids))
         for rid in ids:
             self.table.remember((client, rid))

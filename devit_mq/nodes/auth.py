@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from devit_mq.protocol import FeaturesMeta, HeartbeatMeta, Kind, Ready, Shutdown
 from devit_mq.transport import Peer
+from devit_mq.transport.security import may_claim
 from devit_mq.wire import Message
 
 
@@ -50,16 +51,18 @@ class Roster:
 
 
 class Authorizer:
-    """``check(msg, peer)`` -> ``None`` (allowed) or the reason it is refused. ``accepts`` is the set
-    of kinds the receiving node handles at all (anything else is refused as unexpected)."""
+    """``check(msg, peer)`` -> ``None`` (allowed) or the reason it is refused, for a node of ``role``
+    that handles the kinds in ``accepts`` (anything else is refused as unexpected)."""
 
-    def __init__(self, roster: Roster, accepts: Collection[Kind]) -> None:
+    def __init__(self, roster: Roster, role: str, accepts: Collection[Kind]) -> None:
         self.roster = roster
+        self.role = role
         self.accepts = frozenset(accepts)
+        self._edges = roster.edges
 
     def check(self, msg: Message, peer: Peer) -> str | None:
         source = msg.source
-        if peer.key is not None and source != peer.key:
+        if peer.key is not None and not may_claim(peer.key, source):
             return f"claims to be {source!r} but is authenticated as {peer.key!r}"
         kind = msg.kind
         if kind not in self.accepts:
@@ -75,17 +78,15 @@ class Authorizer:
             if msg.reply_to != source:
                 return f"a client may only ask for answers to itself (reply_to {msg.reply_to!r})"
             return None
-        if kind in (Kind.RESULT,) or (kind == Kind.ERROR and Kind.RESULT in self.accepts):
+        if self.role == "client":  # answers, errors and status replies only from the aggregator
             return None if source == r.aggregator else f"{kind.name} only from the aggregator"
         if kind == Kind.ERROR:  # at the aggregator: an edge reporting on requests it was sent
-            return None if source in r.edges else "ERROR about requests only from an edge"
+            return None if source in self._edges else "ERROR about requests only from an edge"
         if kind == Kind.CONTROL:
             if isinstance(meta, Ready):
                 return self._owner(meta.part, source, "ready")
             if isinstance(meta, Shutdown):
                 return None if self.is_admin(meta, peer) else "shutdown needs the admin key or the launch's token"
-            if Kind.RESULT in self.accepts:  # a client: status replies only from the aggregator
-                return None if source == r.aggregator else "status only from the aggregator"
         return None
 
     def _owner(self, part: int, source: str, what: str) -> str | None:
@@ -105,32 +106,46 @@ class ClientTable:
     """The aggregator's binding of client names to the connection each said hello on.
 
     Answers for ``reply_to = X`` go only to X's bound connection. A hello for a bound name from
-    another connection rebinds only if the claim is authenticated as that name (CURVE: the same
-    key), or if the old connection is gone (``alive(old)`` is false: the aggregator probes it);
-    otherwise it is refused, so no connection can take another's answers. At most ``capacity``
-    names are bound (least recently used first out)."""
+    another connection rebinds only if it is authenticated as that very name (CURVE, a personal key
+    named X), or if the old connection is gone (``alive(old)`` is false: the aggregator probes it);
+    otherwise it is refused, so no connection can take another's answers. A connection holds one
+    name at a time (a new hello on it releases its previous name), so evicting a live client takes
+    ``capacity`` connections, not ``capacity`` hellos; names in use are refreshed on every answer,
+    and the least recently used binding goes first."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._routes: OrderedDict[str, Peer] = OrderedDict()
+        self._names: dict[object, str] = {}  # route -> the name bound to it
 
     def bind(self, name: str, peer: Peer, alive) -> bool:
         old = self._routes.get(name)
         if old is not None and old.route != peer.route:
-            same_owner = peer.key is not None and peer.key == old.key
-            if not same_owner and alive(old):
+            personal_key = peer.key is not None and peer.key == name == old.key
+            if not personal_key and alive(old):
                 return False
+            self._names.pop(old.route, None)
+        previous = self._names.get(peer.route)
+        if previous is not None and previous != name:
+            self._routes.pop(previous, None)
         self._routes[name] = peer
         self._routes.move_to_end(name)
+        self._names[peer.route] = name
         while len(self._routes) > self.capacity:
-            self._routes.popitem(last=False)
+            _, evicted = self._routes.popitem(last=False)
+            self._names.pop(evicted.route, None)
         return True
 
     def route(self, name: str) -> Peer | None:
-        return self._routes.get(name)
+        peer = self._routes.get(name)
+        if peer is not None:
+            self._routes.move_to_end(name)
+        return peer
 
     def forget(self, name: str) -> None:
-        self._routes.pop(name, None)
+        peer = self._routes.pop(name, None)
+        if peer is not None:
+            self._names.pop(peer.route, None)
 
     def __len__(self) -> int:
         return len(self._routes)

@@ -11,6 +11,7 @@ Node logic never knows which transport carries its messages.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import time
 from devit_mq.logs import RateLimitedLog
 from devit_mq.metrics import Metrics
 from devit_mq.protocol import OTHER, ControlOp, Kind
-from devit_mq.transport import Peer, Transport, TransportError
+from devit_mq.transport import Peer, PeerGone, Transport, TransportError
 from devit_mq.wire import Limits, Message, WireError, decode, encode
 
 from .auth import Authorizer, Roster
@@ -28,6 +29,17 @@ HEARTBEAT_INTERVAL_S = 0.5
 EDGE_SILENCE_S = 3.0
 
 log = logging.getLogger("devit_mq.nodes")
+
+
+class Sent(enum.Enum):
+    """What became of a send; true only for ``OK``. ``GONE``: the connection no longer exists."""
+
+    OK = "ok"
+    FAILED = "failed"
+    GONE = "gone"
+
+    def __bool__(self) -> bool:
+        return self is Sent.OK
 
 
 def configure_threads(threads: int) -> None:
@@ -58,7 +70,7 @@ class NodeBase:
         self.transport = transport
         self.roster = roster
         self.limits = limits or Limits()
-        self.auth = Authorizer(roster, self.accepts)
+        self.auth = Authorizer(roster, self.role, self.accepts)
         self.metrics = Metrics(name)
         self.running = True
         self.log = RateLimitedLog(log)
@@ -70,7 +82,7 @@ class NodeBase:
         """``peer`` if the topology names it, else the one shared bucket (metrics stay bounded)."""
         return peer if peer in self._peer_names else OTHER
 
-    def send(self, peer: str | Peer, msg: Message, expect_failure: bool = False) -> bool:
+    def send(self, peer: str | Peer, msg: Message, expect_failure: bool = False) -> Sent:
         """Encode and send to a node (by name) or back over a connection (a :class:`Peer`); a
         message that cannot be encoded or sent is counted and logged, never raised: a dead peer or
         an oversized reply must not crash a long-running node. ``expect_failure`` logs it at debug
@@ -83,7 +95,7 @@ class NodeBase:
             self.metrics.count("encode_failed")
             self.log.warning(f"encode.{msg.kind.name}", "%s: cannot encode %s for %s: %s", self.name,
                              msg.kind.name, name, exc)
-            return False
+            return Sent.FAILED
         try:
             if isinstance(peer, str):
                 self.transport.send(peer, frames)
@@ -93,10 +105,10 @@ class NodeBase:
             self.metrics.count(f"send_failed.{link}")
             if not expect_failure:
                 self.log.warning(f"send.{link}", "%s: cannot send %s to %s: %s", self.name, msg.kind.name, name, exc)
-            return False
+            return Sent.GONE if isinstance(exc, PeerGone) else Sent.FAILED
         self.metrics.add_bytes(f"{self.name}->{link}", len(frames[0]) + len(frames[1]))
         self.metrics.count(f"sent.{msg.kind.name.lower()}")
-        return True
+        return Sent.OK
 
     def receive(self, timeout: float | None) -> Message | None:
         """One decoded, authorized message, or None on timeout or for a message that was dropped
@@ -131,7 +143,17 @@ class NodeBase:
             self.log.log(logging.ERROR, "handler", "%s: error handling %s from %r", self.name, msg.kind.name,
                          msg.source, exc_info=True)
 
-    def control(self, peer: str | Peer, op: ControlOp, expect_failure: bool = False) -> bool:
+    def step_safely(self, step, *args) -> None:
+        """The same guard for a loop's own steps (fusing, expiring, heartbeats): state that
+        messages built up must not be able to stop the loop either (``loop_errors``)."""
+        try:
+            step(*args)
+        except Exception:  # noqa: BLE001
+            self.metrics.count("loop_errors")
+            self.log.log(logging.ERROR, f"step.{getattr(step, '__name__', 'step')}", "%s: error in %s", self.name,
+                         getattr(step, "__name__", step), exc_info=True)
+
+    def control(self, peer: str | Peer, op: ControlOp, expect_failure: bool = False) -> Sent:
         return self.send(peer, Message(Kind.CONTROL, self.name, meta=op, timestamps={"sent": time.time()}),
                          expect_failure)
 

@@ -17,7 +17,7 @@ from devit_mq.wire import Message
 @dataclass
 class Job:
     msg: Message  # an IMAGE
-    received: float  # time.time() when decoded (travels in the timestamps)
+    received: float  # time.time() when decoded (sent on as the "edge_recv" stamp)
     received_perf: float  # perf_counter() at the same moment (for this process's own durations)
 
     @property

@@ -33,6 +33,9 @@ EDGE_RETRY_S = 1.0
 # Clients wait at most this long for an edge's queue (a dead or saturated edge): the request then
 # goes on without that edge's features, and the aggregator answers it degraded at its deadline.
 CLIENT_SEND_TIMEOUT_S = 0.25
+# While requests are outstanding, a client says hello again this often: an aggregator that restarted
+# (or forgot a vanished connection) binds the name anew instead of dropping its answers.
+REHELLO_S = 2.0
 
 
 class ClientError(RuntimeError):
@@ -134,7 +137,7 @@ class ClientNode(NodeBase):
         self.status: dict = {}
         self._held: list[Answer] = []  # answers received while waiting for something else
         self._skip_until: dict[str, float] = {}  # edge -> time.monotonic() before which it is skipped
-        self._said_hello = False
+        self._last_hello = -float("inf")  # time.monotonic() of the last hello that went out
 
     # -- readiness handshake ----------------------------------------------------------------------
     def connect(self, timeout_s: float = 60.0, alive=None) -> dict:
@@ -153,6 +156,8 @@ class ClientNode(NodeBase):
                 self.status = to_builtins(msg.meta)
                 if len(msg.meta.ready) == msg.meta.parts:
                     return self.status
+            elif msg is not None and isinstance(msg.meta, ErrorMeta) and msg.meta.code == "unauthorized":
+                raise ClientError(f"aggregator {self.aggregator!r} refused this client: {msg.meta.message}")
         ready = self.status.get("ready")
         if ready is None:
             raise ClientError(f"no answer from aggregator {self.aggregator!r} within {timeout_s:.0f}s")
@@ -161,14 +166,17 @@ class ClientNode(NodeBase):
 
     def hello(self, expect_failure: bool = False) -> bool:
         """Announce this client to the aggregator, which binds its name to this connection: answers
-        go only there. :meth:`connect` and the first :meth:`submit` do it."""
-        self._said_hello = self.control(self.aggregator, Hello(), expect_failure) or self._said_hello
-        return self._said_hello
+        go only there. :meth:`connect`, the first :meth:`submit` and, while requests are
+        outstanding, :meth:`collect` every ``REHELLO_S`` do it."""
+        if self.control(self.aggregator, Hello(), expect_failure):
+            self._last_hello = time.monotonic()
+            return True
+        return False
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, images: np.ndarray) -> list[int]:
         """Send one batch (uint8 ``[B,H,W,C]``) to every edge; returns the request ids."""
-        if not self._said_hello:
+        if self._last_hello == -float("inf"):
             self.hello()
         images = np.ascontiguousarray(images)
         ids = [next(self._ids) for _ in range(len(images))]
@@ -191,6 +199,8 @@ class ClientNode(NodeBase):
         """Answers that arrive within ``timeout_s`` (returns early once something arrived), plus
         timeout errors for requests older than the client's ``timeout_s``."""
         answers, self._held = self._held, []
+        if self.outstanding and time.monotonic() - self._last_hello > REHELLO_S:
+            self.hello(expect_failure=True)
         msg = self.receive(0 if answers else timeout_s)
         while msg is not None:
             answers.extend(self._answers(msg))

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from devit_mq.protocol import ErrorMeta, FeaturesMeta, HeartbeatMeta, Kind, Ready, Shutdown
+from devit_mq.protocol import MAX_TEXT, ErrorMeta, FeaturesMeta, HeartbeatMeta, Kind, Ready, Shutdown
 from devit_mq.transport import Transport
 from devit_mq.wire import Limits, Message
 
@@ -69,9 +69,9 @@ class EdgeNode(NodeBase):
                 msg = self.receive(0)  # take what is already queued into the batch
             jobs = self.batcher.take_due()
             if jobs:
-                self._process(jobs)
+                self.step_safely(self._process, jobs)
             if self.running:  # not after a shutdown: the aggregator may be gone, the send would wait
-                self._heartbeat()
+                self.step_safely(self._heartbeat)
 
     def _dispatch(self, msg: Message) -> None:
         if msg.kind == Kind.IMAGE:
@@ -97,10 +97,14 @@ class EdgeNode(NodeBase):
         if problem is None:
             return True
         self.metrics.count("bad_images")
-        self.send(self.aggregator, Message(
-            Kind.ERROR, self.name, request_ids=msg.request_ids, reply_to=msg.reply_to,
-            meta=ErrorMeta(code="bad_input", message=f"{self.name}: {problem}", part=self.part)))
+        self._error(msg, "bad_input", problem)
         return False
+
+    def _error(self, request: Message, code: str, problem: str) -> None:
+        """Answer an image request with an error (the aggregator forwards it to the client)."""
+        self.send(self.aggregator, Message(
+            Kind.ERROR, self.name, request_ids=request.request_ids, reply_to=request.reply_to,
+            meta=ErrorMeta(code=code, message=f"{self.name}: {problem}"[:MAX_TEXT], part=self.part)))
 
     def _process(self, jobs: list[Job]) -> None:
         images = jobs[0].msg.array if len(jobs) == 1 else np.concatenate([j.msg.array for j in jobs], axis=0)
@@ -111,10 +115,7 @@ class EdgeNode(NodeBase):
             self.metrics.count("compute_errors")
             self.log.log(logging.ERROR, "compute", "%s: forward failed: %s", self.name, exc, exc_info=True)
             for job in jobs:
-                self.send(self.aggregator, Message(
-                    Kind.ERROR, self.name, request_ids=job.msg.request_ids, reply_to=job.msg.reply_to,
-                    meta=ErrorMeta(code="error", message=f"{self.name}: forward failed: {exc}"[:1000],
-                                   part=self.part)))
+                self._error(job.msg, "error", f"forward failed: {exc}")
             return
         compute_s = time.perf_counter() - start
         self.metrics.observe("compute", compute_s)

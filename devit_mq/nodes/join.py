@@ -50,11 +50,13 @@ class JoinTable:
         if entry is None:
             entry = self.pending[key] = Pending([None] * self.num_parts, now)
             while len(self.pending) > self.max_pending:
-                evicted.append(self.pending.popitem(last=False)[0])
+                old, _ = self.pending.popitem(last=False)
+                evicted.append(old)
+                self.remember(old)  # answered (as overloaded): its late parts must not reopen it
         if entry.parts[part] is not None:
             self.count("duplicate_features")
             return evicted
-        entry.parts[part] = tokens
+        entry.parts[part] = np.array(tokens)  # a copy: a view would pin the whole received frame
         entry.filled += 1
         entry.edge_compute_ms = max(entry.edge_compute_ms, compute_ms)
         entry.edge_queue_ms = max(entry.edge_queue_ms, queue_ms)
@@ -64,7 +66,7 @@ class JoinTable:
 
     def take_complete(self) -> list[Key]:
         """Requests completed since the last call (not a scan of every pending request)."""
-        done = [k for k in self.complete if k in self.pending]
+        done = [k for k in dict.fromkeys(self.complete) if k in self.pending]  # once each, still open
         self.complete.clear()
         return done
 
@@ -80,6 +82,11 @@ class JoinTable:
 
     def pop(self, keys: Iterable[Key]) -> list[Pending]:
         return [self.pending.pop(k) for k in keys]
+
+    def chunks(self, keys: list[Key], size: int) -> Iterable[list[Key]]:
+        """``keys`` in fusion batches of at most ``size``."""
+        for lo in range(0, len(keys), size):
+            yield keys[lo: lo + size]
 
     def drop(self, key: Key) -> None:
         self.pending.pop(key, None)

@@ -115,13 +115,14 @@ def make_client(topology: Topology, transport: Transport, name: str, timeout_s: 
 
 def client_name(topology: Topology, requested: str | None = None, *, admin: bool = False) -> str:
     """The name a client of ``topology`` goes by. Under CURVE it must be the name of the key pair it
-    holds (the aggregator binds the claimed name to the authenticated key): ``requested``, else the
-    ``admin`` pair for an operator's tool, else the shared ``client`` pair; without CURVE a fresh
-    random name unless one is requested."""
+    holds, or ``KEY.suffix`` for a shared pair (the aggregator binds the claimed name to the
+    authenticated key): ``requested``, else the ``admin`` pair for an operator's tool, else a random
+    name under the shared ``client`` pair; without CURVE a fresh random name unless one is requested."""
     if topology.security.curve:
         from devit_mq.transport.security import CLIENT_KEY
 
-        return requested or (ADMIN_KEY if admin else CLIENT_KEY)
+        # holders of the shared pair go by "client.<random>": one key, distinct names
+        return requested or (ADMIN_KEY if admin else f"{CLIENT_KEY}.{default_client_name()}")
     return requested or default_client_name()
 
 

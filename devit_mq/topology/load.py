@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from devit_mq.protocol import MAX_CLASS_NAME, MAX_CLASSES
 from devit_mq.yamlio import DuplicateKeyError, load_strict
 
 from .schema import Topology, TopologyError, parse_topology
@@ -119,6 +120,11 @@ def check_against_bundle(topology: Topology, manifest: Manifest) -> None:
         elif edge.embed_dim is not None and edge.embed_dim != widths[edge.submodel]:
             problems.append((f"{edge.key_path}.embed_dim", f"{edge.embed_dim} does not match the bundle: sub-model "
                              f"{edge.submodel} is {widths[edge.submodel]} wide"))
+    long_names = [c for c in manifest.classes if len(c) > MAX_CLASS_NAME]
+    if len(manifest.classes) > MAX_CLASSES or long_names:
+        problems.append(("bundle", f"the bundle's classes do not fit a status reply: {len(manifest.classes)} "
+                         f"classes (at most {MAX_CLASSES}), {len(long_names)} name(s) longer than "
+                         f"{MAX_CLASS_NAME} characters"))
     missing = sorted(set(range(n)) - present)
     if len(topology.edges) != n or missing:
         detail = f"; no edge runs sub-model(s) {', '.join(map(str, missing))}" if missing else ""

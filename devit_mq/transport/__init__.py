@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Inbound, Peer, Transport, TransportError, check_frames
+from .base import Inbound, Peer, PeerGone, Transport, TransportError, check_frames
 from .faulty import FaultyTransport
 from .inproc import InprocHub, InprocTransport
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from devit_mq.topology import Topology
 
 __all__ = [
-    "FaultyTransport", "Inbound", "InprocHub", "InprocTransport", "Peer", "Transport", "TransportError", "check_frames",
+    "FaultyTransport", "Inbound", "InprocHub", "InprocTransport", "Peer", "PeerGone", "Transport", "TransportError", "check_frames",
     "open_transport",
 ]
 

@@ -18,6 +18,11 @@ class TransportError(RuntimeError):
     """A send or receive could not be done: the message names the node, the peer or endpoint, and why."""
 
 
+class PeerGone(TransportError):
+    """The connection a reply was meant for no longer exists (as opposed to a full queue or a
+    refused message): the one failure that says a peer is gone."""
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """The sender of a received message.
@@ -62,7 +67,10 @@ class Transport(ABC):
 
     def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
         """Deliver one message over the connection ``peer`` came in on (how the aggregator answers a
-        client: never by a name the client merely claims). Where names route, that is :meth:`send`."""
+        client: never by a name the client merely claims). Never waits: a connection whose queue is
+        full loses the message (:class:`TransportError`), so a client that stops reading cannot stall
+        the node; a connection that is gone raises :class:`PeerGone`. Where names route, that is
+        :meth:`send`."""
         if not isinstance(peer.route, str):
             raise TransportError(f"{self.node}: cannot answer a peer without a route")
         self.send(peer.route, frames)

@@ -18,7 +18,7 @@ from .base import Inbound, Peer, Transport, TransportError
 
 
 class FaultyTransport(Transport):
-    """Wraps ``inner``'s ``send``. Probabilities are per message; ``delay_s`` plus a uniform
+    """Wraps ``inner``'s ``send`` and ``reply``. Probabilities are per message; ``delay_s`` plus a uniform
     ``[0, jitter_s)`` is added to every message; ``corrupt`` flips one random bit of one frame.
     ``peers`` limits the faults to sends to those peers. ``stats`` counts what was done."""
 
@@ -66,9 +66,11 @@ class FaultyTransport(Transport):
             self.inner.send(peer, frames)
 
     def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
-        """Answers to a connection suffer the same faults, keyed by the peer's authenticated or
-        routed name."""
-        self._faulty_send(peer, peer.key or str(peer.route), frames)
+        """Answers to a connection suffer the same faults. ``peers`` selects them by the peer's
+        authenticated name (CURVE, MPI, in-process) or its route where names route; a ZeroMQ
+        connection without CURVE has neither, so only an unfiltered transport faults it."""
+        name = peer.key or (peer.route if isinstance(peer.route, str) else "")
+        self._faulty_send(peer, name, frames)
 
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
         self._faulty_send(peer, peer, frames)

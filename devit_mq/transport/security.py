@@ -35,7 +35,18 @@ from devit_mq.protocol import ADMIN_KEY, NAME_RE
 
 from .base import TransportError
 
-CLIENT_KEY = "client"  # the pair an implicit ZeroMQ client uses when it has none of its own
+CLIENT_KEY = "client"  # the shared pair of clients without one of their own: they go by "client.<suffix>"
+
+
+def key_name(name: str) -> str:
+    """The key a name authenticates with: ``name`` itself, or for ``KEY.suffix`` names the shared
+    ``KEY`` (several processes holding one key, each under its own name)."""
+    return name.split(".", 1)[0] if "." in name else name
+
+
+def may_claim(key: str, name: str) -> bool:
+    """May the holder of ``key`` go by ``name``? Its own name, or a ``key.suffix`` name."""
+    return name == key or (name.startswith(key + ".") and len(name) > len(key) + 1)
 
 
 def key_files(keys_dir: Path, name: str) -> tuple[Path, Path]:
@@ -80,12 +91,18 @@ def public_keys(keys_dir: Path) -> dict[bytes, str]:
 
 
 class NamedKeyAuthenticator(ThreadAuthenticator):
-    """Admits the folder's public keys and names each connection by its key (ZAP ``User-Id``)."""
+    """Admits the folder's public keys whose file names are valid node names, and names each
+    connection by its key (ZAP ``User-Id``); any other file in the folder admits nobody."""
 
     def __init__(self, ctx: zmq.Context, keys_dir: Path) -> None:
         super().__init__(ctx)
         self.names = public_keys(keys_dir)
         self.keys_dir = keys_dir
+
+    def configure_curve(self, domain: str = "*", location: str | os.PathLike = ".") -> None:
+        super().configure_curve(domain, location)
+        # pyzmq admits every *.key file it finds: keep only the ones we can name
+        self.certs[domain] = {k: v for k, v in self.certs.get(domain, {}).items() if k in self.names}
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names.get(zmq.utils.z85.encode(client_public_key), "")

@@ -33,7 +33,7 @@ import zmq
 from devit_mq.topology import Link, Topology
 
 from . import security
-from .base import Inbound, Peer, Transport, TransportError, check_frames
+from .base import Inbound, Peer, PeerGone, Transport, TransportError, check_frames
 
 # Kernel TCP keepalives, not ZMTP heartbeats (HEARTBEAT_IVL), detect a peer that vanished without
 # closing its connection: libzmq 4.3.5 (unfixed on master) aborts the process with "Assertion failed:
@@ -97,7 +97,8 @@ class ZmqTransport(Transport):
             sock.identity = os.urandom(ROUTING_ID_BYTES)
         if self.curve:
             assert self.topology.security.keys_dir is not None
-            security.make_client(sock, self.topology.security.keys_dir, self.node, server=link.peer)
+            security.make_client(sock, self.topology.security.keys_dir, security.key_name(self.node),
+                                 server=link.peer)
         if link.endpoint is None:
             raise TransportError(f"{self.node}: peer {link.peer} has no address in topology {self.topology.name!r}")
         try:
@@ -150,18 +151,18 @@ class ZmqTransport(Transport):
         sock = self._links[peer] = self._connect(link)
         return sock
 
-    def _send(self, sock: zmq.Socket, parts: list, peer: str) -> None:
+    def _send(self, sock: zmq.Socket, parts: list, peer: str, flags: int = 0) -> None:
         # Zero-copy pays only for large frames (pyzmq's Frame setup costs more than copying a small
         # one), and is safe only for immutable bytes: a bytearray the caller may reuse is copied.
         copy = not all(isinstance(p, bytes) and len(p) >= ZERO_COPY_BYTES for p in parts)
         try:
-            sock.send_multipart(parts, copy=copy)
+            sock.send_multipart(parts, flags, copy=copy)
         except zmq.Again:
-            raise TransportError(f"{self.node} -> {peer}: not accepted within {self.send_timeout:g} s "
-                                 "(peer not connected, or its queue is full)") from None
+            waited = "its queue is full" if flags else f"not accepted within {self.send_timeout:g} s"
+            raise TransportError(f"{self.node} -> {peer}: {waited} (peer not connected, or not reading)") from None
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise TransportError(f"{self.node} -> {peer}: that connection is gone") from None
+                raise PeerGone(f"{self.node} -> {peer}: that connection is gone") from None
             raise TransportError(f"{self.node} -> {peer}: {exc}") from exc
 
     def send(self, peer: str, frames: Sequence[bytes]) -> None:
@@ -177,7 +178,7 @@ class ZmqTransport(Transport):
             raise TransportError(f"{self.node}: cannot answer that peer (no connection to answer over)")
         name = peer.key or "client"
         parts = check_frames(self.node, name, frames, self.topology.limits.max_message_bytes)
-        self._send(self._inbox, [peer.route, *parts], name)
+        self._send(self._inbox, [peer.route, *parts], name, zmq.DONTWAIT)  # never stall on one reader
 
     def _take(self, sock: zmq.Socket) -> Inbound | None:
         inbox = sock is self._inbox
@@ -185,6 +186,8 @@ class ZmqTransport(Transport):
             if self.curve and inbox:  # frames as zmq.Frame, to read the User-Id the ZAP handler set
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 key = frames[-1].get("User-Id") or None
+                if key is None:  # admitted but unnamed: cannot happen with our handler; never trust it
+                    return None
                 parts = [f.bytes for f in frames]
             else:
                 parts, key = sock.recv_multipart(zmq.NOBLOCK), None

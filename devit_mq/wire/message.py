@@ -321,6 +321,8 @@ def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, e
             raise WireError("shape", f"{shape} holds more elements than a message may have bytes")
         if shape[0] != len(ids):
             raise WireError("request_ids", f"{len(ids)} request ids for {shape[0]} array rows")
+        if len(ids) > 1 and len(set(ids)) != len(ids):  # one row per request: a repeat is a forgery
+            raise WireError("request_ids", "the same request id appears on two rows")
         codec = header["c"]
         spec = CODECS.get(codec) if type(codec) is str else None
         if spec is None:
