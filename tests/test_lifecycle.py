@@ -4,17 +4,205 @@ every node, a dead node is restarted, MPI jobs fail fast on a wrong topology and
 
 from __future__ import annotations
 
+import os
+import queue
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+import pytest
 import yaml
 
-from .runtime_helpers import make_bundle, write_topology
+from devit_mq.nodes.launcher import (
+    ENV_ADMIN_TOKEN,
+    ENV_INSTANCE,
+    EndpointInUse,
+    Launcher,
+    LaunchError,
+    endpoint_busy,
+)
+from devit_mq.nodes.runtime import Client
+
+from .runtime_helpers import free_ports, images, make_bundle, write_topology
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "devit_mq.cli"]
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+class LaunchProcess:
+    """`devit-mq launch` as a subprocess, its output read by a thread (so pipes never fill)."""
+
+    def __init__(self, topo: Path, log_dir: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen([*CLI, "launch", str(topo), "--log-dir", str(log_dir), *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, sink, tag in ((self.proc.stdout, self.out, "out"), (self.proc.stderr, self.err, "err")):
+            threading.Thread(target=self._pump, args=(stream, sink, tag), daemon=True).start()
+        self.pids: dict[str, int] = {}
+
+    def _pump(self, stream, sink, tag) -> None:
+        for line in stream:
+            sink.append(line)
+            self.lines.put((tag, line))
+
+    def wait_for(self, pattern: str, timeout: float = 90.0, stream: str | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                tag, line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            if (stream is None or tag == stream) and re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s; stdout:\n{''.join(self.out)}\n"
+                             f"stderr:\n{''.join(self.err)}")
+
+    def wait_ready(self, timeout: float = 90.0) -> dict[str, int]:
+        self.wait_for("all nodes ready", timeout, "out")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(self.pids) < 3:
+            for line in self.out:
+                m = re.search(r"node=(\w+), role=\w+, pid=(\d+)", line)
+                if m:
+                    self.pids[m.group(1)] = int(m.group(2))
+            time.sleep(0.05)
+        return dict(self.pids)
+
+    def node_pids(self) -> dict[str, int]:
+        """The launch's live child processes by node name (from their command lines)."""
+        out = {}
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return out
+        for child in children:
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if "--name" in cmd and child.status() != psutil.STATUS_ZOMBIE:
+                out[cmd[cmd.index("--name") + 1]] = child.pid
+        return out
+
+    def close(self) -> None:
+        """Clean up whatever is left (the test's own assertions come first)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.pids.values():
+            kill_quietly(pid)
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def gone(pids, timeout: float = 10.0) -> list[int]:
+    """The pids still alive after ``timeout`` seconds (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    return alive
+
+
+@contextmanager
+def launched(topo: Path, log_dir: Path, *extra: str):
+    launch = LaunchProcess(topo, log_dir, *extra)
+    try:
+        yield launch
+    finally:
+        launch.close()
+
+
+@pytest.fixture
+def topo(tmp_path):
+    return write_topology(tmp_path / "t.yaml", make_bundle(tmp_path / "bundle"), deadline_ms=300)
+
+
+# -- 1. refusing a second launch ----------------------------------------------------------------------
+def test_endpoint_busy_sees_tcp_listeners_and_live_ipc_sockets(tmp_path):
+    port = free_ports(1)[0]
+    assert endpoint_busy(f"tcp://127.0.0.1:{port}") is None
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert "in use" in endpoint_busy(f"tcp://127.0.0.1:{port}")
+        assert endpoint_busy(f"tcp://*:{port}") is not None
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        assert "accepts connections" in endpoint_busy(f"ipc://{path}")
+    assert endpoint_busy(f"ipc://{path}") is None  # a stale socket file: ZeroMQ replaces it
+    assert endpoint_busy(f"ipc://{tmp_path / 'none.sock'}") is None
+
+
+def test_another_instance_answering_is_refused_and_never_shut_down(topo):
+    launcher = Launcher(topo)
+    launcher._check_instance({"ready": [0, 1], "parts": 2})  # an aggregator without the key: accepted
+    launcher._check_instance({"instance": ""})
+    launcher._check_instance({"instance": launcher.instance})
+    assert launcher.owns_topology() is False  # nothing started yet
+    with pytest.raises(EndpointInUse, match="another instance answers"):
+        launcher._check_instance({"instance": "0123456789abcdef"})
+    assert launcher.foreign == "0123456789abcdef" and not launcher.owns_topology()
+    assert EndpointInUse("x").exit_code == 2 and LaunchError("x").exit_code == 1
+
+
+@pytest.mark.timeout(180)
+def test_second_launch_is_refused_and_leaves_the_first_running(topo, tmp_path):
+    with launched(topo, tmp_path / "logs1") as first:
+        pids = first.wait_ready()
+        assert set(pids) == {"aggregator", "edge0", "edge1"}
+        # every node got this launch's instance id and admin secret
+        envs = [psutil.Process(pid).environ() for pid in pids.values()]
+        assert len({e[ENV_INSTANCE] for e in envs}) == 1 and len({e[ENV_ADMIN_TOKEN] for e in envs}) == 1
+        assert len(envs[0][ENV_INSTANCE]) == 16 and len(envs[0][ENV_ADMIN_TOKEN]) == 32
+        started = time.perf_counter()
+        second = subprocess.run([*CLI, "launch", str(topo), "--log-dir", str(tmp_path / "logs2")],
+                                capture_output=True, text=True, timeout=60)
+        took = time.perf_counter() - started
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "aggregator" in lines[0] and "in use" in lines[0], second.stderr
+        assert "all nodes ready" not in second.stdout
+        assert not (tmp_path / "logs2").exists()  # nothing was started
+        # the first launch is untouched and still answers with both parts
+        assert gone(pids.values(), timeout=1.0) == list(pids.values())
+        with Client(topo, timeout_s=10, connect_timeout_s=30) as client:
+            pred = client.predict(images(4))
+        assert not pred.errors and pred.degraded == 0
+        assert first.proc.poll() is None
+        print(f"second launch refused after {took:.2f}s")
+
+
+def test_launcher_client_carries_the_admin_token(topo, tmp_path):
+    with Launcher(topo, log_dir=tmp_path / "logs") as launcher:
+        assert launcher.client.admin_token == launcher.admin_token
+        assert launcher.owns_topology()
 
 
 # -- 7. checksums ---------------------------------------------------------------------------------------

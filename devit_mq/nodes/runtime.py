@@ -76,10 +76,15 @@ def serve(node: NodeBase) -> None:
         node.close()
 
 
-def make_client(topology: Topology, transport: Transport, name: str, timeout_s: float = 30.0) -> ClientNode:
+def make_client(topology: Topology, transport: Transport, name: str, timeout_s: float = 30.0,
+                admin_token: str | None = None) -> ClientNode:
+    """A client of ``topology``. ``admin_token`` is the secret of the launch that started the nodes:
+    only a client that holds it may ask them to shut down."""
     warmup()
-    return ClientNode(name, transport, [e.name for e in topology.edges], topology.aggregator.name,
-                      image_codec=topology.image_codec, timeout_s=timeout_s, limits=wire_limits(topology))
+    client = ClientNode(name, transport, [e.name for e in topology.edges], topology.aggregator.name,
+                        image_codec=topology.image_codec, timeout_s=timeout_s, limits=wire_limits(topology))
+    client.admin_token = admin_token
+    return client
 
 
 class Client:
