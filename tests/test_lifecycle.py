@@ -205,6 +205,32 @@ def test_launcher_client_carries_the_admin_token(topo, tmp_path):
         assert launcher.owns_topology()
 
 
+# -- 2. signals stop every node -------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_to_launch_stops_every_node(topo, tmp_path, signum):
+    with launched(topo, tmp_path / "logs") as launch:
+        pids = launch.wait_ready()
+        assert len(pids) == 3
+        started = time.perf_counter()
+        launch.proc.send_signal(signum)
+        assert launch.proc.wait(20) == 0
+        left = gone(pids.values(), timeout=5.0)
+        took = time.perf_counter() - started
+        assert not left, f"orphans after {signal.Signals(signum).name}: {left}"
+        assert "Traceback" not in "".join(launch.err)
+        print(f"{signal.Signals(signum).name}: launch and all nodes gone after {took:.2f}s")
+
+
+@pytest.mark.timeout(120)
+def test_nodes_die_with_a_killed_launcher(topo, tmp_path):
+    with launched(topo, tmp_path / "logs") as launch:
+        pids = launch.wait_ready()
+        launch.proc.kill()  # no handler runs: the nodes' parent-death signal must stop them
+        launch.proc.wait(10)
+        assert not gone(pids.values(), timeout=10.0)
+
+
 # -- 7. checksums ---------------------------------------------------------------------------------------
 def test_check_reports_a_corrupt_bundle_file(tmp_path):
     bundle = make_bundle(tmp_path / "bundle")

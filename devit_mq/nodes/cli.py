@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,9 +26,9 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"devit-mq: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 # -- node ---------------------------------------------------------------------------------------------
@@ -40,8 +41,10 @@ def main_node(argv: list[str]) -> int:
     from devit_mq.topology import TopologyError, load_topology
     from devit_mq.transport import TransportError, open_transport
 
+    from .launcher import _node_start_hook
     from .runtime import build_node, serve
 
+    _node_start_hook()  # die with the launcher that started this node
     try:
         topology = load_topology(args.topology)
         transport = open_transport(topology, args.name)
@@ -59,9 +62,20 @@ def main_node(argv: list[str]) -> int:
 
 
 # -- launch -------------------------------------------------------------------------------------------
+class _Signalled(BaseException):
+    """A stop signal reached the launcher (raised from its handler, so every wait is interrupted)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def main_launch(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="devit-mq launch",
-                                description="Start and supervise every local node of a ZeroMQ topology.")
+    p = argparse.ArgumentParser(prog="devit-mq launch", description=(
+        "Start and supervise every local node of a ZeroMQ topology. SIGTERM, SIGINT and SIGHUP stop every node."))
     p.add_argument("topology")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--ready-timeout", type=float, default=120.0)
@@ -71,6 +85,16 @@ def main_launch(argv: list[str]) -> int:
     from .launcher import Launcher, LaunchError
 
     launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout)
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        if len(received) == 1:
+            raise _Signalled(signum)
+        launcher.kill_all()  # a second signal while stopping: do not wait any longer
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    code = 0
     try:
         launcher.start()
         print(f"all nodes ready (logs in {launcher.log_dir}); Ctrl-C stops them")
@@ -78,13 +102,19 @@ def main_launch(argv: list[str]) -> int:
             print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
         sys.stdout.flush()
         launcher.supervise()
-    except KeyboardInterrupt:
-        print("stopping nodes")
+    except _Signalled as exc:
+        print(f"{signal.Signals(exc.signum).name}: stopping nodes", flush=True)
     except LaunchError as exc:
-        return _fail(str(exc))
+        code = _fail(str(exc), exc.exit_code)
     finally:
-        launcher.stop()
-    return 0
+        try:
+            launcher.stop()
+        except _Signalled:
+            launcher.kill_all()
+            launcher.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
 
 
 # -- infer --------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ import errno
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,9 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "*", ""}
 
 ENV_INSTANCE = "DEVIT_MQ_INSTANCE"
 ENV_ADMIN_TOKEN = "DEVIT_MQ_ADMIN_TOKEN"
+# Set for nodes spawned from the launcher's main thread: the node asks the kernel for SIGTERM when the
+# launcher dies (even by SIGKILL), so a crashed launcher leaves no orphans.
+ENV_PARENT_PID = "DEVIT_MQ_PARENT_PID"
 
 
 class LaunchError(RuntimeError):
@@ -138,6 +143,21 @@ def check_endpoints(topology: Topology, specs: list[NodeSpec]) -> None:
                 "is the topology already running? Nothing was started")
 
 
+def _node_start_hook() -> None:
+    """Called by ``devit-mq node``: die with the launcher that started this process (Linux)."""
+    parent = os.environ.get(ENV_PARENT_PID)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, ValueError):
+        return
+    if os.getppid() != int(parent):  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Launcher:
     """``with Launcher(path) as launcher: launcher.client.predict(...)``"""
 
@@ -195,6 +215,12 @@ class Launcher:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env[ENV_INSTANCE] = self.instance
         env[ENV_ADMIN_TOKEN] = self.admin_token
+        # the kernel's parent-death signal follows the *thread* that forked: only the main thread's
+        # children may ask for it (a helper thread that restarts a node may end before the node)
+        if threading.current_thread() is threading.main_thread():
+            env[ENV_PARENT_PID] = str(os.getpid())
+        else:
+            env.pop(ENV_PARENT_PID, None)
         return env
 
     def _spawn(self, spec: NodeSpec) -> NodeProcess:
@@ -267,6 +293,12 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait()
+
+    def kill_all(self) -> None:
+        """SIGKILL every node process of this launch (a second Ctrl-C)."""
+        for node in self.processes:
+            if node.proc.poll() is None:
+                node.proc.kill()
 
     def __enter__(self) -> Launcher:
         self.start()
