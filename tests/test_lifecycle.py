@@ -27,6 +27,7 @@ from devit_mq.nodes.launcher import (
     EndpointInUse,
     Launcher,
     LaunchError,
+    NodeProcess,
     endpoint_busy,
 )
 from devit_mq.nodes.runtime import Client
@@ -229,6 +230,95 @@ def test_nodes_die_with_a_killed_launcher(topo, tmp_path):
         launch.proc.kill()  # no handler runs: the nodes' parent-death signal must stop them
         launch.proc.wait(10)
         assert not gone(pids.values(), timeout=10.0)
+
+
+# -- 3. restart with backoff ----------------------------------------------------------------------------
+class _FakeProc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+
+    def poll(self):
+        return self.code
+
+
+def test_restart_backoff_doubles_to_ten_seconds_and_resets(topo, monkeypatch, tmp_path):
+    launcher = Launcher(topo, log_dir=tmp_path)
+    pids = iter(range(1000, 2000))
+
+    def fake_spawn(spec, append=False):
+        node = NodeProcess(spec, _FakeProc(next(pids)), tmp_path / f"{spec.name}.log")
+        node.started = clock[0]
+        return node
+
+    clock = [0.0]
+    monkeypatch.setattr(launcher, "_spawn", fake_spawn)
+    launcher.processes = [fake_spawn(launcher.topology.edges[0])]
+    delays = []
+    for _ in range(7):
+        launcher.processes[0].proc.code = 1  # dies at once
+        launcher.poll(now=clock[0])
+        delays.append(launcher.processes[0].restart_at - clock[0])
+        clock[0] = launcher.processes[0].restart_at
+        launcher.poll(now=clock[0])  # due: restarted
+        assert launcher.processes[0].restart_at is None
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert launcher.processes[0].restarts == 7
+    clock[0] += 31.0  # it has now run for 31 s
+    launcher.poll(now=clock[0])
+    launcher.processes[0].proc.code = -9
+    launcher.poll(now=clock[0])
+    assert launcher.processes[0].restart_at - clock[0] == 0.5
+    with pytest.raises(LaunchError, match="edge0.*exited with code 3"):
+        launcher.processes = [fake_spawn(launcher.topology.edges[0])]
+        launcher.processes[0].proc.code = 3
+        launcher.poll(restart=False)
+
+
+@pytest.mark.timeout(180)
+def test_killed_edge_is_restarted_and_the_topology_answers_in_full_again(topo, tmp_path):
+    with launched(topo, tmp_path / "logs") as launch:
+        pids = launch.wait_ready()
+        killed_at = time.perf_counter()
+        os.kill(pids["edge1"], signal.SIGKILL)
+        launch.wait_for(r"'edge1'.*exited with code -9.*restarting in 0.5s", 20, "err")
+        # meanwhile the others keep serving: degraded answers, not errors
+        with Client(topo, timeout_s=10, connect_timeout_s=30) as client:
+            pred = client.predict(images(2))
+            assert not pred.errors
+            launch.wait_for(r"'edge1' restarted \(pid \d+", 20, "err")
+            new_pid = launch.node_pids().get("edge1")
+            restarted_after = time.perf_counter() - killed_at
+            assert new_pid is not None and new_pid != pids["edge1"]
+            launch.pids["edge1-new"] = new_pid
+            deadline = time.monotonic() + 60
+            while True:
+                pred = client.predict(images(2))
+                if not pred.errors and pred.degraded == 0:
+                    break
+                assert time.monotonic() < deadline, "edge1 never rejoined"
+                time.sleep(0.2)
+            full_after = time.perf_counter() - killed_at
+        # a fresh client sees every edge ready again, with both parts in every answer
+        with Client(topo, timeout_s=10, connect_timeout_s=30) as other:
+            pred = other.predict(images(4))
+            assert not pred.errors and pred.degraded == 0
+        assert launch.proc.poll() is None
+        print(f"edge1 killed: new process after {restarted_after:.2f}s, full answers after {full_after:.2f}s")
+        launch.proc.send_signal(signal.SIGTERM)
+        assert launch.proc.wait(20) == 0
+        assert not gone([*pids.values(), new_pid], timeout=5.0)
+
+
+@pytest.mark.timeout(120)
+def test_no_restart_stops_everything_and_names_the_dead_node(topo, tmp_path):
+    with launched(topo, tmp_path / "logs", "--no-restart") as launch:
+        pids = launch.wait_ready()
+        os.kill(pids["edge0"], signal.SIGKILL)
+        assert launch.proc.wait(30) == 1
+        err = "".join(launch.err)
+        assert "node 'edge0'" in err and "exited with code -9" in err and "Traceback" not in err
+        assert not gone(pids.values(), timeout=5.0)
 
 
 # -- 7. checksums ---------------------------------------------------------------------------------------

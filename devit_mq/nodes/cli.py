@@ -75,10 +75,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def main_launch(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq launch", description=(
-        "Start and supervise every local node of a ZeroMQ topology. SIGTERM, SIGINT and SIGHUP stop every node."))
+        "Start and supervise every local node of a ZeroMQ topology: a node that dies is restarted with "
+        "backoff (the others keep serving, degraded meanwhile). SIGTERM, SIGINT and SIGHUP stop every node."))
     p.add_argument("topology")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--ready-timeout", type=float, default=120.0)
+    p.add_argument("--no-restart", action="store_true",
+                   help="a node that dies stops every node (exit 1) instead of being restarted")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     _logging(args.verbose)
@@ -101,7 +104,7 @@ def main_launch(argv: list[str]) -> int:
         for row in launcher.describe():
             print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
         sys.stdout.flush()
-        launcher.supervise()
+        launcher.supervise(restart=not args.no_restart)
     except _Signalled as exc:
         print(f"{signal.Signals(exc.signum).name}: stopping nodes", flush=True)
     except LaunchError as exc:

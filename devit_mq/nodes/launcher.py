@@ -12,6 +12,9 @@ Lifecycle rules:
   asks that topology to shut down.
 - **Only own nodes are stopped.** Shutdown messages go out only when this launch started every
   server of the topology; otherwise its own processes get SIGTERM.
+- **Supervision.** :meth:`Launcher.supervise` restarts a node that died, with backoff (0.5 s,
+  doubling up to 10 s, back to 0.5 s once the node has run 30 s), while the others keep serving;
+  with ``restart=False`` a dead node is a :class:`LaunchError` naming it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from devit_mq.topology import NodeSpec, Topology, load_topology
@@ -44,6 +47,10 @@ ENV_ADMIN_TOKEN = "DEVIT_MQ_ADMIN_TOKEN"
 # Set for nodes spawned from the launcher's main thread: the node asks the kernel for SIGTERM when the
 # launcher dies (even by SIGKILL), so a crashed launcher leaves no orphans.
 ENV_PARENT_PID = "DEVIT_MQ_PARENT_PID"
+
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
+RESTART_RESET_AFTER_S = 30.0
 
 
 class LaunchError(RuntimeError):
@@ -69,6 +76,10 @@ class NodeProcess:
     spec: NodeSpec
     proc: subprocess.Popen
     log_path: Path
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    backoff_s: float = RESTART_BACKOFF_S
+    restart_at: float | None = None  # time.monotonic() of a scheduled restart (the process is dead)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -223,9 +234,9 @@ class Launcher:
             env.pop(ENV_PARENT_PID, None)
         return env
 
-    def _spawn(self, spec: NodeSpec) -> NodeProcess:
+    def _spawn(self, spec: NodeSpec, append: bool = False) -> NodeProcess:
         log_path = self.log_dir / f"{spec.name}.log"
-        with log_path.open("wb") as out:
+        with log_path.open("ab" if append else "wb") as out:
             cmd = [self.python, "-m", "devit_mq.cli", "node", str(self.topology_path), "--name", spec.name]
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=self.node_env(spec),
@@ -233,6 +244,13 @@ class Launcher:
         return NodeProcess(spec, proc, log_path)
 
     # -- supervise --------------------------------------------------------------------------------
+    def _index(self, name: str) -> int:
+        for i, node in enumerate(self.processes):
+            if node.spec.name == name:
+                return i
+        raise KeyError(f"no local node process named {name!r} (started: "
+                       f"{', '.join(n.spec.name for n in self.processes)})")
+
     def _died(self, node: NodeProcess, code: int) -> str:
         return (f"node {node.spec.name!r} (pid {node.proc.pid}) exited with code {code}; "
                 f"last lines of {node.log_path}:\n{node.tail()}")
@@ -240,13 +258,52 @@ class Launcher:
     def check_alive(self) -> None:
         for node in self.processes:
             code = node.proc.poll()
-            if code is not None:
+            if code is not None and node.restart_at is None:
                 raise LaunchError(self._died(node, code))
 
-    def supervise(self, poll_s: float = 0.25) -> None:
-        """Block until a node dies (raises LaunchError naming it) or the caller is interrupted."""
+    def restart_node(self, name: str) -> NodeProcess:
+        """Start node ``name`` again (its process must have exited); its log is appended to."""
+        i = self._index(name)
+        old = self.processes[i]
+        node = self._spawn(old.spec, append=True)
+        node.restarts, node.backoff_s = old.restarts + 1, old.backoff_s
+        self.processes[i] = node
+        return node
+
+    def poll(self, restart: bool = True, now: float | None = None) -> list[str]:
+        """One supervision pass: schedule restarts of dead nodes, start those that are due. Returns
+        what happened (also logged). With ``restart=False`` a dead node is a LaunchError."""
+        now = time.monotonic() if now is None else now
+        events = []
+        for node in list(self.processes):
+            if node.restart_at is not None:
+                if now >= node.restart_at:
+                    new = self.restart_node(node.spec.name)
+                    events.append(f"node {new.spec.name!r} restarted (pid {new.proc.pid}, restart {new.restarts})")
+                    log.warning("%s", events[-1])
+                continue
+            code = node.proc.poll()
+            if code is None:
+                if now - node.started >= RESTART_RESET_AFTER_S:
+                    node.backoff_s = RESTART_BACKOFF_S  # it ran long enough: a later death starts over
+                continue
+            if not restart:
+                raise LaunchError(self._died(node, code))
+            uptime = now - node.started
+            delay = RESTART_BACKOFF_S if uptime >= RESTART_RESET_AFTER_S else node.backoff_s
+            node.backoff_s = min(2 * delay, RESTART_BACKOFF_MAX_S)
+            node.restart_at = now + delay
+            tail = node.tail(5).replace("\n", "\n    ")
+            events.append(f"node {node.spec.name!r} (pid {node.proc.pid}) exited with code {code} after "
+                          f"{uptime:.1f}s; restarting in {delay:g}s (the others keep serving, degraded)")
+            log.warning("%s; last lines of %s:\n    %s", events[-1], node.log_path, tail)
+        return events
+
+    def supervise(self, poll_s: float = 0.25, restart: bool = True) -> None:
+        """Block until interrupted, restarting nodes that die (``restart=False``: until one dies,
+        then LaunchError)."""
         while True:
-            self.check_alive()
+            self.poll(restart)
             time.sleep(poll_s)
 
     def describe(self) -> list[dict]:
@@ -293,6 +350,8 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait()
+        for node in self.processes:
+            node.restart_at = None
 
     def kill_all(self) -> None:
         """SIGKILL every node process of this launch (a second Ctrl-C)."""
