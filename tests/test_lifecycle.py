@@ -321,6 +321,18 @@ def test_no_restart_stops_everything_and_names_the_dead_node(topo, tmp_path):
         assert not gone(pids.values(), timeout=5.0)
 
 
+# -- 6. the fault launcher is the real launcher with another node command ------------------------------
+def test_fault_launcher_only_swaps_the_node_command(topo):
+    from devit_mq.bench.faults import FaultLauncher, FaultSpec
+
+    launcher = FaultLauncher(topo, edge_faults=FaultSpec.parse("drop=0.1"), faulty_edges=["edge0"])
+    assert "_spawn" not in FaultLauncher.__dict__ and "stop" not in FaultLauncher.__dict__
+    edge0, edge1 = launcher.topology.edges
+    assert launcher.node_command(edge0)[1:3] == ["-m", "devit_mq.bench.faults"]
+    assert launcher.node_command(edge1) == Launcher(topo).node_command(edge1)
+    assert launcher.node_command(launcher.topology.aggregator)[3] == "node"
+
+
 # -- 7. checksums ---------------------------------------------------------------------------------------
 def test_check_reports_a_corrupt_bundle_file(tmp_path):
     bundle = make_bundle(tmp_path / "bundle")

@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +34,10 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 # -- node ---------------------------------------------------------------------------------------------
-def main_node(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="devit-mq node", description="Run one node of a ZeroMQ topology.")
-    p.add_argument("topology")
-    p.add_argument("--name", required=True, help="the node's name in the topology")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+def run_node(topology_path: str | Path, name: str, wrap: Callable[[Any], Any] | None = None,
+             describe: Callable[[Any], str] | None = None) -> int:
+    """Run node ``name`` of a ZeroMQ topology until it is told to stop. ``wrap`` (optional) wraps its
+    transport (fault injection uses it). Returns the exit code."""
     from devit_mq.topology import TopologyError, load_topology
     from devit_mq.transport import TransportError, open_transport
 
@@ -46,19 +46,30 @@ def main_node(argv: list[str]) -> int:
 
     _node_start_hook()  # die with the launcher that started this node
     try:
-        topology = load_topology(args.topology)
-        transport = open_transport(topology, args.name)
+        topology = load_topology(topology_path)
+        transport = open_transport(topology, name)
     except (TopologyError, TransportError, OSError) as exc:
         return _fail(str(exc))
+    if wrap is not None:
+        transport = wrap(transport)
     try:
-        node = build_node(topology, args.name, transport)
+        node = build_node(topology, name, transport)
     except BaseException:
         transport.close()
         raise
-    log.info("%s: serving (%s, pid %d)", args.name, node.role, os.getpid())
+    log.info("%s: serving (%s, pid %d)%s", name, node.role, os.getpid(), describe(transport) if describe else "")
     serve(node)
-    log.info("%s: stopped; metrics %s", args.name, json.dumps(node.metrics.snapshot()["counters"]))
+    log.info("%s: stopped; metrics %s", name, json.dumps(node.metrics.snapshot()["counters"]))
     return 0
+
+
+def main_node(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="devit-mq node", description="Run one node of a ZeroMQ topology.")
+    p.add_argument("topology")
+    p.add_argument("--name", required=True, help="the node's name in the topology")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    return run_node(args.topology, args.name)
 
 
 # -- launch -------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,10 +171,14 @@ def _node_start_hook() -> None:
 
 
 class Launcher:
-    """``with Launcher(path) as launcher: launcher.client.predict(...)``"""
+    """``with Launcher(path) as launcher: launcher.client.predict(...)``
+
+    ``node_command(spec)`` (a hook: override it, or pass ``node_command=``) returns the command that
+    runs one node; the default is ``python -m devit_mq.cli node TOPOLOGY --name NAME``."""
 
     def __init__(self, topology: Topology | str | Path, log_dir: str | Path | None = None,
-                 ready_timeout_s: float = 120.0, python: str = sys.executable) -> None:
+                 ready_timeout_s: float = 120.0, python: str = sys.executable,
+                 node_command: Callable[[NodeSpec], list[str]] | None = None) -> None:
         self.topology_path = Path(topology.source) if isinstance(topology, Topology) else Path(topology)
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         if self.topology.transport != "zmq":
@@ -183,6 +188,8 @@ class Launcher:
         self.log_dir = Path(log_dir) if log_dir else Path("runs") / f"{self.topology.name}-{stamp}-{os.getpid()}"
         self.ready_timeout_s = ready_timeout_s
         self.python = python
+        if node_command is not None:
+            self.node_command = node_command  # type: ignore[method-assign]
         self.instance = secrets.token_hex(8)
         self.admin_token = secrets.token_hex(16)
         self.processes: list[NodeProcess] = []
@@ -222,6 +229,10 @@ class Launcher:
                                 f"reports instance {other}, this launch is {self.instance}); "
                                 "is the topology already running?")
 
+    def node_command(self, spec: NodeSpec) -> list[str]:
+        """The command that runs node ``spec`` (a hook for subclasses, e.g. fault injection)."""
+        return [self.python, "-m", "devit_mq.cli", "node", str(self.topology_path), "--name", spec.name]
+
     def node_env(self, spec: NodeSpec) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env[ENV_INSTANCE] = self.instance
@@ -237,8 +248,7 @@ class Launcher:
     def _spawn(self, spec: NodeSpec, append: bool = False) -> NodeProcess:
         log_path = self.log_dir / f"{spec.name}.log"
         with log_path.open("ab" if append else "wb") as out:
-            cmd = [self.python, "-m", "devit_mq.cli", "node", str(self.topology_path), "--name", spec.name]
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self.node_command(spec), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=self.node_env(spec),
                                     start_new_session=True)  # signals reach the launcher, which stops nodes in order
         return NodeProcess(spec, proc, log_path)
