@@ -30,6 +30,7 @@ from devit_mq.nodes.launcher import (
     NodeProcess,
     endpoint_busy,
 )
+from devit_mq.nodes.mpi_launch import mpirun_command
 from devit_mq.nodes.runtime import Client
 
 from .runtime_helpers import free_ports, images, make_bundle, write_topology
@@ -319,6 +320,40 @@ def test_no_restart_stops_everything_and_names_the_dead_node(topo, tmp_path):
         err = "".join(launch.err)
         assert "node 'edge0'" in err and "exited with code -9" in err and "Traceback" not in err
         assert not gone(pids.values(), timeout=5.0)
+
+
+# -- 5. the --run plug-in -----------------------------------------------------------------------------
+def mpi_plugin(client, topology, config):
+    """A --run plug-in for the test below: classify 3 images, say so, return an exit code."""
+    pred = client.predict(images(3))
+    print(f"plugin: {topology.name} answered {len(pred.answers)} config={config}", flush=True)
+    return 3
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_mpi_run_takes_a_module_function_plugin(tmp_path):
+    topo = write_topology(tmp_path / "mpi.yaml", make_bundle(tmp_path / "bundle"), transport="mpi")
+    out = subprocess.run(mpirun_command(4) + [*CLI, "mpi", str(topo), "--run", "tests.test_lifecycle:mpi_plugin",
+                                              "--run-config", "abc"],
+                         capture_output=True, text=True, timeout=150, cwd=REPO)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "plugin: mpi answered 3 config=abc" in out.stdout
+    bad = subprocess.run(mpirun_command(4) + [*CLI, "mpi", str(topo), "--run", "no_such_module_x:run"],
+                         capture_output=True, text=True, timeout=100, cwd=REPO)
+    assert bad.returncode == 2
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot import no_such_module_x" in lines[0], bad.stderr
+
+
+def test_runtime_does_not_import_the_benchmarks():
+    code = ("import sys, devit_mq.nodes.cli, devit_mq.nodes.launcher, devit_mq.nodes.mpi_launch, "
+            "devit_mq.nodes.runtime; bad = [m for m in sys.modules if m.startswith('devit_mq.bench')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    import devit_mq.nodes.cli as cli
+
+    assert not hasattr(cli, "mpirun_command")
 
 
 # -- 6. the fault launcher is the real launcher with another node command ------------------------------

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from devit_mq.model import load_ensemble
-from devit_mq.nodes.cli import mpirun_command
 from devit_mq.nodes.demo import wire_roundtrip
 from devit_mq.nodes.launcher import Launcher, LaunchError
+from devit_mq.nodes.mpi_launch import mpirun_command
 from devit_mq.nodes.runtime import Client
 
 from .runtime_helpers import images, make_bundle, write_topology

@@ -340,7 +340,7 @@ def _mpi_rank(spec: dict[str, Any]) -> None:
 def measure_mpi(cases: Sequence[RateCase] = DEFAULT_CASES, n_features: int = 20000, n_images: int = 2000,
                 repeats: int = 3, warmup: int = 200, timeout_s: float = 300.0) -> dict[str, Any]:
     """Run the MPI comparison under ``mpirun -n 3`` (client rank idle, edge0 -> aggregator)."""
-    from devit_mq.nodes.cli import mpirun_command
+    from devit_mq.nodes.mpi_launch import mpirun_command
 
     with tempfile.TemporaryDirectory(prefix="devit-rates-") as tmp:
         out = Path(tmp) / "runs.json"

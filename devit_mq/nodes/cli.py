@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -223,27 +223,18 @@ def main_demo(argv: list[str]) -> int:
     return 0
 
 
-def mpirun_command(nprocs: int) -> list[str]:
-    """The mpirun of this environment (the mpich wheel puts one next to python), via the launch/ wrapper
-    when present (it adds Open MPI's root/oversubscribe flags)."""
-    wrapper = Path(__file__).resolve().parents[2] / "launch" / "mpirun.sh"
-    if wrapper.is_file():
-        return ["bash", str(wrapper), "-n", str(nprocs)]
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    if mpirun is None:
-        raise FileNotFoundError("mpirun not found: install the 'mpich' wheel (pip install mpich)")
-    return [mpirun, "-n", str(nprocs)]
-
-
 def _demo_mpi(args) -> int:
     from devit_mq.topology import TopologyError, load_topology
+
+    from .mpi_launch import mpirun_command
 
     path = args.topology or DEFAULT_MPI_TOPOLOGY
     try:
         topology = load_topology(path)
-    except TopologyError as exc:
+        cmd = mpirun_command(len(topology.nodes))
+    except (TopologyError, FileNotFoundError) as exc:
         return _fail(str(exc))
-    cmd = mpirun_command(len(topology.nodes)) + [sys.executable, "-m", "devit_mq.cli", "mpi", path, "--run", "demo"]
+    cmd += [sys.executable, "-m", "devit_mq.cli", "mpi", path, "--run", "demo"]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     print("running: " + " ".join(cmd), flush=True)
@@ -261,15 +252,38 @@ def _check_report(client_node, n: int, seed: int) -> str:
 
 
 # -- mpi ----------------------------------------------------------------------------------------------
+BUILTIN_RUNS = ("demo", "check")
+
+
+def resolve_run(spec: str) -> Callable[..., Any] | None:
+    """``demo`` / ``check`` (None: built in) or ``module:function``, imported now. The function is
+    called on the client rank as ``function(client, topology, run_config)`` once every edge is ready
+    (``run_config`` is ``--run-config``'s value or None) and may return an exit code."""
+    if spec in BUILTIN_RUNS:
+        return None
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(f"--run {spec!r}: expected demo, check or MODULE:FUNCTION")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--run {spec!r}: cannot import {module_name}: {exc}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"--run {spec!r}: {module_name} has no function {func_name!r}")
+    return func
+
+
 def main_mpi(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq mpi", description=(
         "Run under mpirun: rank r becomes the topology's r-th node (client = rank 0)."))
     p.add_argument("topology")
-    p.add_argument("--run", choices=["demo", "check", "bench"], default="demo",
+    p.add_argument("--run", default="demo", metavar="demo|check|MODULE:FUNCTION",
                    help="the workload the client rank runs before it stops every node: the demo, "
-                        "'check': classify --images N seeded random images and print their labels, or "
-                        "'bench': the workload file --bench-config names (written by 'devit-mq bench')")
-    p.add_argument("--bench-config", default=None, help="with --run bench: the workload file")
+                        "'check': classify --images N seeded random images and print their labels, or a "
+                        "plug-in MODULE:FUNCTION called as FUNCTION(client, topology, RUN_CONFIG)")
+    p.add_argument("--run-config", "--bench-config", dest="run_config", default=None,
+                   help="a value handed to a MODULE:FUNCTION workload (e.g. its config file)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -288,7 +302,8 @@ def main_mpi(argv: list[str]) -> int:
     try:
         topology = load_topology(args.topology)
         ranks = topology.mpi_ranks(comm.Get_size())
-    except TopologyError as exc:
+        plugin = resolve_run(args.run)  # on every rank, so that all of them fail alike
+    except (TopologyError, ValueError) as exc:
         if rank == 0:
             _fail(str(exc))
         return 2
@@ -309,14 +324,11 @@ def main_mpi(argv: list[str]) -> int:
                           "submodel": topology.node(n).submodel, "threads": topology.node(n).threads}
                          for n, r in sorted(ranks.items(), key=lambda kv: kv[1])]
             print(_demo_report(client, topology, args.limit, processes), flush=True)
-        elif args.run == "bench":
-            from devit_mq.bench.runtime import run_mpi_client
-
-            if args.bench_config is None:
-                return _fail("--run bench needs --bench-config FILE")
-            run_mpi_client(client, topology, args.bench_config)
-        else:
+        elif args.run == "check":
             print(_check_report(client, args.images, args.seed), flush=True)
+        else:
+            assert plugin is not None
+            return int(plugin(client, topology, args.run_config) or 0)
     finally:
         client.shutdown_nodes()
         client.close()
