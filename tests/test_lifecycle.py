@@ -4,6 +4,7 @@ every node, a dead node is restarted, MPI jobs fail fast on a wrong topology and
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -30,7 +31,7 @@ from devit_mq.nodes.launcher import (
     NodeProcess,
     endpoint_busy,
 )
-from devit_mq.nodes.mpi_launch import mpirun_command
+from devit_mq.nodes.mpi_launch import ENV_TEST_EXIT, mpirun_command
 from devit_mq.nodes.runtime import Client
 
 from .runtime_helpers import free_ports, images, make_bundle, write_topology
@@ -320,6 +321,75 @@ def test_no_restart_stops_everything_and_names_the_dead_node(topo, tmp_path):
         err = "".join(launch.err)
         assert "node 'edge0'" in err and "exited with code -9" in err and "Traceback" not in err
         assert not gone(pids.values(), timeout=5.0)
+
+
+# -- 4. MPI: fail fast, survive a dead rank ----------------------------------------------------------
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_mpi_on_a_zmq_topology_fails_at_once(topo, tmp_path):
+    started = time.perf_counter()
+    out = subprocess.run(mpirun_command(3) + [*CLI, "mpi", str(topo), "--run", "check"],
+                         capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    took = time.perf_counter() - started
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "transport is 'zmq'" in lines[0] and "devit-mq launch" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    print(f"mpi on a zmq topology failed after {took:.2f}s")
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_mpi_wrong_rank_count_fails_at_once_with_one_line(tmp_path):
+    topo = write_topology(tmp_path / "mpi.yaml", make_bundle(tmp_path / "bundle"), transport="mpi")
+    started = time.perf_counter()
+    out = subprocess.run(mpirun_command(5) + [*CLI, "mpi", str(topo)], capture_output=True, text=True, timeout=100)
+    took = time.perf_counter() - started
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "started 5 rank(s)" in lines[0] and "mpirun -n 4" in lines[0], out.stderr
+    print(f"mpi with 5 ranks for 4 nodes failed after {took:.2f}s")
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_mpi_dead_edge_rank_is_named_and_the_client_reports_what_it_has(tmp_path):
+    topo = write_topology(tmp_path / "mpi.yaml", make_bundle(tmp_path / "bundle"), transport="mpi",
+                          deadline_ms=500)
+    result = tmp_path / "answers.json"
+    env = dict(os.environ, **{ENV_TEST_EXIT: "edge1#3"})  # edge1 exits on its 3rd message (mid-run)
+    started = time.perf_counter()
+    out = subprocess.run(mpirun_command(4) + [*CLI, "mpi", str(topo), "--run", "check", "--images", "40",
+                                              "--json", str(result)],
+                         capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env)
+    took = time.perf_counter() - started
+    assert out.returncode == 1, out.stdout + out.stderr
+    died = [line for line in out.stderr.splitlines() if "died" in line]
+    # every surviving rank names the dead node
+    assert {line.split(":")[1].strip().split()[0] for line in died} >= {"client", "aggregator", "edge0"}, out.stderr
+    assert all("'edge1' (edge, rank 3)" in line for line in died)
+    assert "answered 40/40" in out.stdout, out.stdout + out.stderr
+    data = json.loads(result.read_text())
+    assert len(data["answers"]) == 40 and data["degraded"] > 0 and data["dead"] == ["edge1 (rank 3)"]
+    assert all(a["missing"] == ["edge1"] for a in data["answers"] if a["degraded"])
+    assert "BAD TERMINATION" not in out.stdout + out.stderr
+    print(f"mpi job with a dead edge rank ended after {took:.2f}s: {data['degraded']} degraded of 40")
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_mpi_dead_aggregator_ends_the_job_with_a_partial_report(tmp_path):
+    topo = write_topology(tmp_path / "mpi.yaml", make_bundle(tmp_path / "bundle"), transport="mpi")
+    result = tmp_path / "answers.json"
+    env = dict(os.environ, **{ENV_TEST_EXIT: "aggregator#40"})
+    out = subprocess.run(mpirun_command(4) + [*CLI, "mpi", str(topo), "--run", "check", "--images", "400",
+                                              "--json", str(result)],
+                         capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "'aggregator' (aggregator, rank 1) died" in out.stderr
+    data = json.loads(result.read_text())
+    assert not data["complete"] and data["dead"] == ["aggregator (rank 1)"]
+    assert 0 < len([a for a in data["answers"] if a["error"] is None]) < 400
 
 
 # -- 5. the --run plug-in -----------------------------------------------------------------------------

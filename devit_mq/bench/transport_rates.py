@@ -348,7 +348,8 @@ def measure_mpi(cases: Sequence[RateCase] = DEFAULT_CASES, n_features: int = 200
                 "schedule": schedule(cases, n_features, n_images, repeats), "out": str(out)}
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps(spec))
-        cmd = mpirun_command(3) + [sys.executable, "-m", "devit_mq.bench.transport_rates", "mpi", str(path)]
+        cmd = mpirun_command(3, keep_going=False) + [sys.executable, "-m", "devit_mq.bench.transport_rates",
+                                                     "mpi", str(path)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:

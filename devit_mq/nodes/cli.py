@@ -241,16 +241,6 @@ def _demo_mpi(args) -> int:
     return subprocess.call(cmd)
 
 
-def _check_report(client_node, n: int, seed: int) -> str:
-    """Classify seeded random images: a smoke test that every node answers, whatever the weights."""
-    shape = tuple(client_node.status["image_shape"])
-    imgs = np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
-    pred = client_node.predict(imgs, batch_size=4, window=2)
-    lines = [f"answered {len(pred.answers)}/{n}, errors {len(pred.errors)}, degraded {pred.degraded}",
-             "labels: " + " ".join(str(x) for x in pred.labels)]
-    return "\n".join(lines)
-
-
 # -- mpi ----------------------------------------------------------------------------------------------
 BUILTIN_RUNS = ("demo", "check")
 
@@ -274,9 +264,59 @@ def resolve_run(spec: str) -> Callable[..., Any] | None:
     return func
 
 
+def _check_workload(client_node, topology, n: int, seed: int, json_path: str | None,
+                    dead: Callable[[], list[str]], aggregator_gone: Callable[[], bool]) -> int:
+    """Classify seeded random images: a smoke test that every node answers, whatever the weights.
+    Whatever happens (a dead edge, a lost aggregator, an exception), the answers received so far are
+    printed (and written to ``json_path``) before the rank ends."""
+    shape = tuple(client_node.status["image_shape"])
+    imgs = np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    edge_of = {e.submodel: e.name for e in topology.edges}
+    answers: dict[int, Any] = {}
+    failure = None
+    try:
+        for i, answer in client_node.stream(imgs, batch_size=4, window=2):
+            answers[i] = answer
+            if aggregator_gone():
+                failure = "the aggregator died: stopped early"
+                break
+    except Exception as exc:  # report what we have; the caller ends the job
+        failure = f"{type(exc).__name__}: {exc}"
+    finally:
+        got = [answers[i] for i in sorted(answers)]
+        errors = sum(1 for a in got if not a.ok)
+        degraded = sum(1 for a in got if a.degraded)
+        missing: dict[str, int] = {}
+        for a in got:
+            for part in a.missing:
+                missing[edge_of.get(part, f"part {part}")] = missing.get(edge_of.get(part, f"part {part}"), 0) + 1
+        lines = [f"answered {len(got)}/{n}, errors {errors}, degraded {degraded}",
+                 "labels: " + " ".join(str(answers[i].label) if i in answers else "-" for i in range(n))]
+        if missing:
+            lines.append("degraded answers lack: " + ", ".join(f"{k} ({v})" for k, v in missing.items()))
+        if dead():
+            lines.append("dead nodes: " + ", ".join(dead()))
+        if failure:
+            lines.append(f"incomplete: {failure}")
+        print("\n".join(lines), flush=True)
+        if json_path:
+            rows = [{"index": i, "label": a.label, "degraded": a.degraded,
+                     "missing": [edge_of.get(p, f"part {p}") for p in a.missing], "error": a.error}
+                    for i, a in sorted(answers.items())]
+            Path(json_path).write_text(json.dumps({"images": n, "complete": len(got) == n and not failure,
+                                                   "errors": errors, "degraded": degraded, "dead": dead(),
+                                                   "failure": failure, "answers": rows}, indent=1) + "\n")
+    return 1 if failure or errors else 0
+
+
+class _GoOnDegraded(Exception):
+    """Raised from the readiness wait: an edge died before it was ready; go on without it."""
+
+
 def main_mpi(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq mpi", description=(
-        "Run under mpirun: rank r becomes the topology's r-th node (client = rank 0)."))
+        "Run under mpirun: rank r becomes the topology's r-th node (client = rank 0). If a rank dies, "
+        "the others name it; the client goes on degraded (or reports what it has) and every rank ends."))
     p.add_argument("topology")
     p.add_argument("--run", default="demo", metavar="demo|check|MODULE:FUNCTION",
                    help="the workload the client rank runs before it stops every node: the demo, "
@@ -287,49 +327,124 @@ def main_mpi(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="with --run check: also write the answers to this file")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     _logging(args.verbose)
     from mpi4py import MPI
 
     from devit_mq.topology import TopologyError, load_topology
+
+    from . import mpi_launch
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    problem = plugin = None
+    topology = ranks = None
+    try:
+        topology = load_topology(args.topology)
+        if topology.transport != "mpi":
+            problem = (f"{args.topology}: transport is {topology.transport!r}, not 'mpi': run ZeroMQ topologies "
+                       f"with 'devit-mq launch {args.topology}' (MPI topologies set 'transport: mpi')")
+        else:
+            ranks = topology.mpi_ranks(comm.Get_size())
+            if rank == 0:
+                plugin = resolve_run(args.run)
+    except (TopologyError, ValueError) as exc:
+        problem = str(exc)
+    try:
+        peers = mpi_launch.agree(comm, problem)
+    except mpi_launch.StartupError as exc:
+        if rank == 0:
+            _fail(str(exc))
+        if exc.peers:  # every rank arrived: MPI can finalise normally
+            return 2
+        return mpi_launch.finish(comm, None, 2)
+    assert topology is not None and ranks is not None
+    names = {r: n for n, r in ranks.items()}
+    name = names[rank]
+    spec = topology.node(name)
+    state: dict[str, Any] = {"node": None, "client": None}
+
+    def on_death(dead_rank: int, reason: str) -> None:
+        dead_name = names.get(dead_rank, f"rank {dead_rank}")
+        role = topology.node(dead_name).role if dead_rank in names else "?"
+        print(f"devit-mq mpi: {name} (rank {rank}): node {dead_name!r} ({role}, rank {dead_rank}) died: {reason}",
+              file=sys.stderr, flush=True)
+        node, client = state["node"], state["client"]
+        if node is not None and role == "client":
+            node.stop()  # nobody is left to ask for anything, nor to say shutdown
+        if client is not None and role == "edge":
+            client.edges = [e for e in client.edges if e != dead_name]  # its part is zero-filled
+        if client is not None and role == "aggregator":
+            client.timeout_s = 0.0  # nothing will answer: let every open request time out now
+
+    watch = mpi_launch.RankWatch(comm, peers, on_death).start()
+
+    def dead_names() -> list[str]:
+        return [f"{names.get(r, r)} (rank {r})" for r in sorted(watch.dead)]
+
     from devit_mq.transport import open_transport
 
     from .runtime import build_node, make_client, serve
 
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    try:
-        topology = load_topology(args.topology)
-        ranks = topology.mpi_ranks(comm.Get_size())
-        plugin = resolve_run(args.run)  # on every rank, so that all of them fail alike
-    except (TopologyError, ValueError) as exc:
-        if rank == 0:
-            _fail(str(exc))
-        return 2
-    name = {r: n for n, r in ranks.items()}[rank]
-    spec = topology.node(name)
-    transport = open_transport(topology, name, comm=comm)
+    transport = mpi_launch.apply_exit_hook(name, open_transport(topology, name, comm=comm))
     if spec.role != "client":
-        serve(build_node(topology, name, transport))
-        return 0
+        try:
+            node = build_node(topology, name, transport)
+        except Exception as exc:  # e.g. a bundle file missing on this host: the others name this rank
+            print(f"devit-mq mpi: {name} (rank {rank}): cannot start: {exc}", file=sys.stderr, flush=True)
+            return mpi_launch.finish(comm, None, 1)
+        state["node"] = node
+        serve(node)
+        return mpi_launch.finish(comm, watch, 0)
     from .base import configure_threads
+    from .client import ClientError
 
     configure_threads(spec.threads)
     client = make_client(topology, transport, name)
+    state["client"] = client
+    aggregator_rank = ranks[topology.aggregator.name]
+    edge_ranks = {ranks[e.name] for e in topology.edges}
+
+    def alive() -> None:
+        if aggregator_rank in watch.dead:
+            raise ClientError(f"aggregator {topology.aggregator.name!r} (rank {aggregator_rank}) died before "
+                              "every edge was ready")
+        dead_edges = edge_ranks & set(watch.dead)
+        ready = client.status.get("ready")
+        if dead_edges and ready is not None and len(ready) + len(dead_edges) >= len(edge_ranks):
+            raise _GoOnDegraded()
+
+    code = 0
     try:
-        client.connect(120.0)
+        try:
+            client.connect(120.0, alive=alive)
+        except _GoOnDegraded:
+            print(f"devit-mq mpi: client: going on without {', '.join(dead_names())} (degraded answers)",
+                  file=sys.stderr, flush=True)
         if args.run == "demo":
             processes = [{"rank": r, "node": n, "role": topology.node(n).role,
                           "submodel": topology.node(n).submodel, "threads": topology.node(n).threads}
                          for n, r in sorted(ranks.items(), key=lambda kv: kv[1])]
             print(_demo_report(client, topology, args.limit, processes), flush=True)
         elif args.run == "check":
-            print(_check_report(client, args.images, args.seed), flush=True)
+            code = _check_workload(client, topology, args.images, args.seed, args.json, dead_names,
+                                   lambda: aggregator_rank in watch.dead)
         else:
             assert plugin is not None
-            return int(plugin(client, topology, args.run_config) or 0)
+            code = int(plugin(client, topology, args.run_config) or 0)
+    except KeyboardInterrupt:
+        code = _fail("interrupted", 130)
+    except ClientError as exc:
+        code = _fail(str(exc), 1)
+    except Exception as exc:  # a workload's failure ends the job with its message, on every rank
+        code = _fail(f"--run {args.run} failed: {type(exc).__name__}: {exc}", 1)
     finally:
         client.shutdown_nodes()
         client.close()
-    return 0
+    if watch.dead:
+        print(f"devit-mq mpi: client: finished degraded; dead: {', '.join(dead_names())}", file=sys.stderr,
+              flush=True)
+        code = max(code, 1)
+    return mpi_launch.finish(comm, watch, code)
