@@ -1,4 +1,8 @@
-"""``devit-mq node | launch | mpi | infer | demo``."""
+"""``devit-mq node | launch | mpi | infer | demo``.
+
+A user's mistake (missing or malformed topology, unknown node, missing bundle, port in use,
+unreadable image) is one ``devit-mq: error: ...`` line on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -33,27 +37,58 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _one_line(exc: BaseException) -> str:
+    """A user error's message on one line (a YAML parser's or a topology's several problems are
+    joined with '; ')."""
+    parts = [line.strip() for line in str(exc).splitlines()]
+    return "; ".join(p for p in parts if p and set(p) != {"^"})
+
+
+def _warn(message: str) -> None:
+    print(f"devit-mq: warning: {message}", file=sys.stderr)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a user's mistake (configuration, files), not a bug."""
+    from devit_mq.model import BundleError
+    from devit_mq.topology import TopologyError
+    from devit_mq.transport import TransportError
+
+    return (TopologyError, TransportError, BundleError, FileNotFoundError, PermissionError)
+
+
 # -- node ---------------------------------------------------------------------------------------------
 def run_node(topology_path: str | Path, name: str, wrap: Callable[[Any], Any] | None = None,
              describe: Callable[[Any], str] | None = None) -> int:
     """Run node ``name`` of a ZeroMQ topology until it is told to stop. ``wrap`` (optional) wraps its
     transport (fault injection uses it). Returns the exit code."""
-    from devit_mq.topology import TopologyError, load_topology
-    from devit_mq.transport import TransportError, open_transport
+    from devit_mq.topology import load_topology
+    from devit_mq.transport import open_transport
 
     from .launcher import _node_start_hook
     from .runtime import build_node, serve
 
-    _node_start_hook()  # die with the launcher that started this node
+    _node_start_hook()
+    errors = _user_errors()
     try:
         topology = load_topology(topology_path)
+        spec = topology.node(name)
+        if topology.transport != "zmq":
+            return _fail(f"{topology_path}: transport is {topology.transport!r}; run MPI topologies with "
+                         f"'mpirun -n {len(topology.nodes)} devit-mq mpi {topology_path}'")
+        if spec.role == "client":
+            return _fail(f"{name!r} is the topology's client; 'devit-mq node' runs the aggregator and the edges "
+                         f"({', '.join(n.name for n in topology.nodes if n.role != 'client')})")
         transport = open_transport(topology, name)
-    except (TopologyError, TransportError, OSError) as exc:
-        return _fail(str(exc))
+    except errors as exc:
+        return _fail(_one_line(exc))
     if wrap is not None:
         transport = wrap(transport)
     try:
         node = build_node(topology, name, transport)
+    except errors as exc:
+        transport.close()
+        return _fail(f"{name}: {_one_line(exc)}")
     except BaseException:
         transport.close()
         raise
@@ -96,9 +131,14 @@ def main_launch(argv: list[str]) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     _logging(args.verbose)
+    from .client import ClientError
     from .launcher import Launcher, LaunchError
 
-    launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout)
+    try:
+        launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout)
+    except (LaunchError, *_user_errors()) as exc:
+        return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
+
     received: list[int] = []
 
     def on_signal(signum, _frame):
@@ -110,6 +150,7 @@ def main_launch(argv: list[str]) -> int:
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     code = 0
     try:
+        launcher.check_bundle_files()
         launcher.start()
         print(f"all nodes ready (logs in {launcher.log_dir}); Ctrl-C stops them")
         for row in launcher.describe():
@@ -120,6 +161,10 @@ def main_launch(argv: list[str]) -> int:
         print(f"{signal.Signals(exc.signum).name}: stopping nodes", flush=True)
     except LaunchError as exc:
         code = _fail(str(exc), exc.exit_code)
+    except ClientError as exc:
+        code = _fail(str(exc), 1)
+    except _user_errors() as exc:
+        code = _fail(_one_line(exc))
     finally:
         try:
             launcher.stop()
@@ -132,48 +177,118 @@ def main_launch(argv: list[str]) -> int:
 
 
 # -- infer --------------------------------------------------------------------------------------------
-def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Image files -> uint8 [B,H,W,C] at the bundle's size and channel count (Pillow)."""
+def read_image(path: str, image_shape: tuple[int, int, int], warn: Callable[[str], None] | None = None) -> np.ndarray:
+    """One image file -> uint8 ``[H,W,C]`` at the bundle's size and channel count (Pillow); ``warn``
+    is told when the image had to be converted or resized. OSError/ValueError if unreadable."""
     from PIL import Image
 
     h, w, c = image_shape
-    out = []
-    for path in paths:
+    with Image.open(path) as img:
+        img.load()
+        mode = "L" if c == 1 else "RGB"
+        if img.mode != mode:
+            if warn:
+                warn(f"{path}: converted from {img.mode} to {mode} ({c} channel{'s' if c > 1 else ''})")
+            img = img.convert(mode)
+        if img.size != (w, h):
+            if warn:
+                warn(f"{path}: resized from {img.size[0]}x{img.size[1]} to {w}x{h}")
+            img = img.resize((w, h), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr.reshape(h, w, c)
+
+
+def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarray:
+    """Image files -> uint8 [B,H,W,C] at the bundle's size and channel count (Pillow)."""
+    return np.stack([read_image(path, image_shape) for path in paths])
+
+
+def _image_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable image (checked before connecting), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
         with Image.open(path) as img:
-            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-        out.append(arr.reshape(h, w, c))
-    return np.stack(out)
+            img.verify()
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a directory"
+    except UnidentifiedImageError:
+        return "not an image file Pillow can read"
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+        return str(exc) or exc.__class__.__name__
+    return None
 
 
 def main_infer(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="devit-mq infer", description="Classify image files through a running topology.")
+    p = argparse.ArgumentParser(prog="devit-mq infer", description=(
+        "Classify image files through a running topology. An unreadable file gets an error line and "
+        "exit code 1; the other files are still classified."))
     p.add_argument("topology")
     p.add_argument("images", nargs="+")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = p.parse_args(argv)
+    from devit_mq.topology import load_topology
+
     from .client import ClientError
     from .runtime import Client
 
     try:
-        client = Client(args.topology, timeout_s=args.timeout, connect_timeout_s=args.timeout)
-    except ClientError as exc:
-        return _fail(str(exc))
+        topology = load_topology(args.topology)
+    except _user_errors() as exc:
+        return _fail(_one_line(exc))
+    problems = {path: why for path in args.images if (why := _image_problem(path)) is not None}
+    if len(problems) == len(args.images):
+        if len(problems) == 1:
+            path, why = next(iter(problems.items()))
+            return _fail(f"cannot read image {path}: {why}")
+        return _fail("cannot read any of the images: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+    try:
+        client = Client(topology, timeout_s=args.timeout, connect_timeout_s=args.timeout)
+    except (ClientError, *_user_errors()) as exc:
+        return _fail(_one_line(exc))
+    rows: dict[str, dict] = {}
     with client:
-        try:
-            images = load_images(args.images, tuple(client.status["image_shape"]))
-        except OSError as exc:
-            return _fail(f"cannot read image: {exc}")
-        pred = client.predict(images)
+        shape = tuple(client.status["image_shape"])
+        images, readable = [], []
+        for path in args.images:
+            if path in problems:
+                continue
+            try:
+                images.append(read_image(path, shape, warn=_warn))
+                readable.append(path)
+            except (OSError, ValueError, SyntaxError) as exc:
+                problems[path] = str(exc)
+        pred = client.predict(np.stack(images)) if images else None
         classes = client.classes
-        for path, ans in zip(args.images, pred.answers, strict=True):
+        answers = dict(zip(readable, pred.answers, strict=True)) if pred is not None else {}
+    edge_of = {e.submodel: e.name for e in topology.edges}
+    failed = 0
+    for path in args.images:
+        ans = answers.get(path)
+        if ans is None:
+            failed += 1
+            row = {"image": path, "label": None, "class": None, "confidence": None, "degraded": False,
+                   "missing": [], "error": f"cannot read image: {problems.get(path, 'unknown error')}",
+                   "latency_ms": None}
+        else:
+            failed += not ans.ok
+            missing = [edge_of.get(part, f"part {part}") for part in ans.missing]
             row = {"image": path, "label": ans.label, "class": classes[ans.label] if ans.ok else None,
                    "confidence": float(ans.probs.max()) if ans.ok else None, "degraded": ans.degraded,
-                   "error": ans.error, "latency_ms": round(ans.latency_s * 1e3, 2)}
-            print(json.dumps(row) if args.json else
-                  f"{path}: {row['class']} ({row['confidence']:.3f})" if ans.ok else f"{path}: ERROR {ans.error}")
-    return 0 if not pred.errors else 1
+                   "missing": missing, "error": ans.error, "latency_ms": round(ans.latency_s * 1e3, 2)}
+        rows[path] = row
+        if args.json:
+            print(json.dumps(row))
+        elif row["error"] is not None:
+            print(f"{path}: ERROR {row['error']}")
+        else:
+            note = (f"  [degraded: no features from {', '.join(row['missing']) or 'some edge'}]"
+                    if row["degraded"] else "")
+            print(f"{path}: {row['class']} ({row['confidence']:.3f}){note}")
+    return 1 if failed else 0
 
 
 # -- demo ---------------------------------------------------------------------------------------------
@@ -202,29 +317,38 @@ def main_demo(argv: list[str]) -> int:
     _logging(args.verbose)
     if args.transport == "mpi":
         return _demo_mpi(args)
-    from devit_mq.topology import TopologyError, load_topology
+    from devit_mq.topology import load_topology
 
+    from .client import ClientError
     from .launcher import Launcher, LaunchError
 
     path = args.topology or DEFAULT_TOPOLOGY
     try:
         topology = load_topology(path)
-    except TopologyError as exc:
-        return _fail(str(exc))
+        launcher = Launcher(topology)
+    except (LaunchError, *_user_errors()) as exc:
+        return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
     print(f"launching {path}: {1 + len(topology.edges)} node processes (ZeroMQ) ...", flush=True)
     started = time.perf_counter()
     try:
-        with Launcher(topology) as launcher:
+        launcher.check_bundle_files()
+        with launcher:
             print(f"all nodes ready after {time.perf_counter() - started:.1f}s (logs in {launcher.log_dir})",
                   flush=True)
             print(_demo_report(launcher.client, topology, args.limit, launcher.describe()))
     except LaunchError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), exc.exit_code)
+    except ClientError as exc:
+        return _fail(str(exc), 1)
+    except _user_errors() as exc:
+        return _fail(_one_line(exc))
+    except ValueError as exc:  # e.g. a bundle that records no data set
+        return _fail(_one_line(exc))
     return 0
 
 
 def _demo_mpi(args) -> int:
-    from devit_mq.topology import TopologyError, load_topology
+    from devit_mq.topology import load_topology
 
     from .mpi_launch import mpirun_command
 
@@ -232,8 +356,8 @@ def _demo_mpi(args) -> int:
     try:
         topology = load_topology(path)
         cmd = mpirun_command(len(topology.nodes))
-    except (TopologyError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+    except _user_errors() as exc:
+        return _fail(_one_line(exc))
     cmd += [sys.executable, "-m", "devit_mq.cli", "mpi", path, "--run", "demo"]
     if args.limit:
         cmd += ["--limit", str(args.limit)]

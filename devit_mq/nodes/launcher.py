@@ -220,6 +220,22 @@ class Launcher:
             raise
         return self.status
 
+    def check_bundle_files(self) -> None:
+        """Every weights file the local nodes load must exist: a user's mistake the command line
+        reports before any node starts (the nodes verify the checksums when they load). Without
+        this check, such a node dies at start and :meth:`start` quotes its log."""
+        from devit_mq.model import BundleError, load_manifest
+        from devit_mq.model.bundle import part_path
+
+        servers = [self.topology.aggregator, *self.topology.edges]
+        try:
+            manifest = load_manifest(self.topology.bundle)
+            for spec in (s for s in servers if is_local(s)):
+                part = "fusion" if spec.role == "aggregator" else f"submodel_{spec.submodel}"
+                part_path(self.topology.bundle, manifest, part, verify=False)
+        except BundleError as exc:
+            raise LaunchError(f"{self.topology_path}: {exc}; nothing was started", exit_code=2) from None
+
     def _check_instance(self, status: dict) -> None:
         other = status.get("instance")
         if isinstance(other, str) and other and other != self.instance:
