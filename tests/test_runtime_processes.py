@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from devit_mq.nodes.cli import mpirun_command
 from devit_mq.nodes.launcher import Launcher, LaunchError
+from devit_mq.nodes.mpi_launch import mpirun_command
 from devit_mq.nodes.runtime import Client
 
 from .runtime_helpers import images, make_bundle, reference, write_topology

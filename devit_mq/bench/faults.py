@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from devit_mq.nodes.launcher import Launcher, NodeProcess
+from devit_mq.nodes.launcher import Launcher
 from devit_mq.topology import NodeSpec
 from devit_mq.transport import FaultyTransport, Transport
 
@@ -80,7 +78,9 @@ class FaultSpec:
 
 class FaultLauncher(Launcher):
     """A :class:`Launcher` whose edges may run behind a fault-injecting transport, and whose nodes
-    can be killed and restarted mid-run (the stress run's fault scenarios)."""
+    can be killed and restarted mid-run (the stress run's fault scenarios). It only changes the
+    launcher's ``node_command`` hook: a faulty edge runs ``python -m devit_mq.bench.faults``, which is
+    ``devit-mq node`` with its transport wrapped."""
 
     def __init__(self, topology, edge_faults: FaultSpec | None = None, faulty_edges: Collection[str] | None = None,
                  seed: int = 0, **kwargs: Any) -> None:
@@ -90,24 +90,12 @@ class FaultLauncher(Launcher):
         self.seed = seed
         self.killed: set[str] = set()
 
-    def _spawn(self, spec: NodeSpec) -> NodeProcess:
+    def node_command(self, spec: NodeSpec) -> list[str]:
         faulty = self.faulty_edges is None or spec.name in self.faulty_edges
         if self.edge_faults is None or spec.role != "edge" or not faulty:
-            return super()._spawn(spec)
-        log_path = self.log_dir / f"{spec.name}.log"
-        cmd = [self.python, "-m", "devit_mq.bench.faults", str(self.topology_path), "--name", spec.name,
-               "--faults", json.dumps(self.edge_faults.to_dict()), "--seed", str(self.seed + spec.rank)]
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        return NodeProcess(spec, proc, log_path)
-
-    def _index(self, name: str) -> int:
-        for i, node in enumerate(self.processes):
-            if node.spec.name == name:
-                return i
-        raise KeyError(f"no local node process named {name!r} (started: "
-                       f"{', '.join(n.spec.name for n in self.processes)})")
+            return super().node_command(spec)
+        return [self.python, "-m", "devit_mq.bench.faults", str(self.topology_path), "--name", spec.name,
+                "--faults", json.dumps(self.edge_faults.to_dict()), "--seed", str(self.seed + spec.rank)]
 
     def kill(self, name: str) -> int:
         """SIGKILL node ``name`` (no goodbye to its peers: a crash); returns its pid."""
@@ -119,18 +107,17 @@ class FaultLauncher(Launcher):
 
     def restart(self, name: str) -> int:
         """Start a killed node again under the same name; returns the new pid."""
-        i = self._index(name)
-        self.processes[i] = self._spawn(self.processes[i].spec)
+        node = self.restart_node(name)
         self.killed.discard(name)
-        return self.processes[i].proc.pid
+        return node.proc.pid
 
     def alive(self) -> dict[str, bool]:
         return {node.spec.name: node.proc.poll() is None for node in self.processes}
 
 
 def main(argv: list[str]) -> int:
-    """``python -m devit_mq.bench.faults TOPOLOGY --name EDGE --faults JSON``: one node whose sends go
-    through a FaultyTransport (what FaultLauncher starts)."""
+    """``python -m devit_mq.bench.faults TOPOLOGY --name EDGE --faults JSON``: ``devit-mq node`` whose
+    sends go through a FaultyTransport (what FaultLauncher starts)."""
     p = argparse.ArgumentParser(prog="python -m devit_mq.bench.faults")
     p.add_argument("topology", type=Path)
     p.add_argument("--name", required=True)
@@ -138,19 +125,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
-    from devit_mq.nodes.runtime import build_node, serve
-    from devit_mq.topology import load_topology
-    from devit_mq.transport import open_transport
+    from devit_mq.nodes.cli import run_node
 
-    topology = load_topology(args.topology)
     faults = FaultSpec.from_dict(json.loads(args.faults))
-    transport = faults.wrap(open_transport(topology, args.name), seed=args.seed)
-    node = build_node(topology, args.name, transport)
-    logging.getLogger("devit_mq").info("%s: serving behind faults %s (pid %d)", args.name, faults, os.getpid())
-    serve(node)
-    logging.getLogger("devit_mq").info("%s: stopped; faults done %s; metrics %s", args.name, transport.stats,
-                                       json.dumps(node.metrics.snapshot()["counters"]))
-    return 0
+    wrapped: list[FaultyTransport] = []
+
+    def wrap(transport: Transport) -> FaultyTransport:
+        wrapped.append(faults.wrap(transport, seed=args.seed))
+        return wrapped[-1]
+
+    code = run_node(args.topology, args.name, wrap=wrap, describe=lambda _t: f" behind faults {faults}")
+    if wrapped:
+        logging.getLogger("devit_mq").info("%s: faults done %s", args.name, wrapped[0].stats)
+    return code
 
 
 if __name__ == "__main__":

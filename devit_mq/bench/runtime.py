@@ -249,9 +249,13 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
     return result
 
 
+# the plug-in `devit-mq mpi --run` calls on the client rank (the runtime never imports the benchmarks)
+MPI_CLIENT = "devit_mq.bench.runtime:run_mpi_client"
+
+
 def run_mpi_client(client, topology, config_path: str | Path) -> None:
-    """``devit-mq mpi TOPOLOGY --run bench --bench-config FILE`` on rank 0: run the workload that
-    ``devit-mq bench`` wrote into FILE and write the result where FILE says."""
+    """``devit-mq mpi TOPOLOGY --run devit_mq.bench.runtime:run_mpi_client --run-config FILE`` on rank
+    0: run the workload that ``devit-mq bench`` wrote into FILE and write the result where FILE says."""
     config = json.loads(Path(config_path).read_text())
     plan = BenchPlan.from_dict(config["plan"])
     teacher = TeacherRunner(topology.bundle, topology.edges[0].attention) if config.get("teacher", True) else None
@@ -361,7 +365,7 @@ def _phase_zmq(topology_path: Path, teacher: TeacherRunner | None, plan: BenchPl
 
 
 def _phase_mpi(topology_path: Path, plan: BenchPlan, work_dir: Path, timeout_s: float) -> dict:
-    from devit_mq.nodes.cli import mpirun_command
+    from devit_mq.nodes.mpi_launch import mpirun_command
     from devit_mq.topology import load_topology
 
     nodes = len(load_topology(topology_path).nodes)
@@ -369,8 +373,8 @@ def _phase_mpi(topology_path: Path, plan: BenchPlan, work_dir: Path, timeout_s: 
     out.unlink(missing_ok=True)
     config = work_dir / "mpi-config.json"
     config.write_text(json.dumps({"plan": plan.to_dict(), "out": str(out.resolve())}))
-    cmd = mpirun_command(nodes) + [sys.executable, "-m", "devit_mq.cli", "mpi", str(topology_path), "--run", "bench",
-                                   "--bench-config", str(config)]
+    cmd = mpirun_command(nodes) + [sys.executable, "-m", "devit_mq.cli", "mpi", str(topology_path),
+                                   "--run", MPI_CLIENT, "--run-config", str(config)]
     print("  running: " + " ".join(cmd), flush=True)
     try:
         proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True, timeout=timeout_s)

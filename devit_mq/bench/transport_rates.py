@@ -341,7 +341,7 @@ def _mpi_rank(spec: dict[str, Any]) -> None:
 def measure_mpi(cases: Sequence[RateCase] = DEFAULT_CASES, n_features: int = 20000, n_images: int = 2000,
                 repeats: int = 3, warmup: int = 200, timeout_s: float = 300.0) -> dict[str, Any]:
     """Run the MPI comparison under ``mpirun -n 3`` (client rank idle, edge0 -> aggregator)."""
-    from devit_mq.nodes.cli import mpirun_command
+    from devit_mq.nodes.mpi_launch import mpirun_command
 
     with tempfile.TemporaryDirectory(prefix="devit-rates-") as tmp:
         out = Path(tmp) / "runs.json"
@@ -349,7 +349,8 @@ def measure_mpi(cases: Sequence[RateCase] = DEFAULT_CASES, n_features: int = 200
                 "schedule": schedule(cases, n_features, n_images, repeats), "out": str(out)}
         path = Path(tmp) / "spec.json"
         path.write_text(json.dumps(spec))
-        cmd = mpirun_command(3) + [sys.executable, "-m", "devit_mq.bench.transport_rates", "mpi", str(path)]
+        cmd = mpirun_command(3, keep_going=False) + [sys.executable, "-m", "devit_mq.bench.transport_rates",
+                                                     "mpi", str(path)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:

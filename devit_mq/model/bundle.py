@@ -227,7 +227,10 @@ def load_manifest(directory: str | Path) -> Manifest:
     return Manifest.from_dict(data)
 
 
-def _load_part(directory: Path, manifest: Manifest, part: str, module: nn.Module, verify: bool) -> None:
+def part_path(directory: str | Path, manifest: Manifest, part: str, verify: bool = True) -> Path:
+    """The file of bundle part ``part``; with ``verify``, its SHA-256 must be the manifest's.
+    BundleError (naming the part and the file) if it is unknown, missing or corrupt."""
+    directory = Path(directory)
     entry = manifest.files.get(part)
     if entry is None:
         raise BundleError(f"bundle {directory} has no part {part!r} (parts: {sorted(manifest.files)})")
@@ -237,6 +240,24 @@ def _load_part(directory: Path, manifest: Manifest, part: str, module: nn.Module
     if verify and _sha256(path) != entry.get("sha256"):
         raise BundleError(f"bundle part {part!r}: {path} does not match its SHA-256 in the manifest "
                           "(corrupt or replaced file)")
+    return path
+
+
+def verify_bundle(directory: str | Path, manifest: Manifest | None = None) -> list[str]:
+    """Check every file the manifest records against its SHA-256 (the check loading does); returns
+    one message per missing or corrupt file (empty: the bundle is intact)."""
+    manifest = manifest or load_manifest(directory)
+    problems = []
+    for part in sorted(manifest.files):
+        try:
+            part_path(directory, manifest, part, verify=True)
+        except BundleError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _load_part(directory: Path, manifest: Manifest, part: str, module: nn.Module, verify: bool) -> None:
+    path = part_path(directory, manifest, part, verify)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -108,6 +108,8 @@ def serve(node: NodeBase) -> None:
 
 def make_client(topology: Topology, transport: Transport, name: str, timeout_s: float = 30.0,
                 admin_token: str | None = None) -> ClientNode:
+    """A client of ``topology``. ``admin_token`` is the secret of the launch that started the nodes:
+    only a client that holds it may ask them to shut down (where CURVE does not authenticate)."""
     warmup()
     return ClientNode(name, transport, roster(topology), image_codec=topology.image_codec, timeout_s=timeout_s,
                       limits=wire_limits(topology), admin_token=admin_token)

@@ -15,9 +15,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="devit-mq check",
         description="Validate a topology YAML and, unless --no-bundle, check it against its bundle's "
-                    "manifest (no weights are read, nothing is started). Exit 0 if valid, 2 if not.")
+                    "manifest and verify every bundle file against the SHA-256 the manifest records "
+                    "(nothing is started). Exit 0 if valid, 2 if not.")
     p.add_argument("topology", help="topology YAML file")
     p.add_argument("--no-bundle", action="store_true", help="skip the bundle checks (schema only)")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="check the bundle's manifest but do not hash its files")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--ranks", action="store_true",
                      help="print only the number of MPI ranks the topology needs (for scripts)")
@@ -102,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = read_yaml(args.topology)
             manifest = bundle_manifest(topology, raw.get("bundle") if isinstance(raw, dict) else None)
             check_against_bundle(topology, manifest)
+            if not args.no_checksums:
+                from devit_mq.model.bundle import verify_bundle
+
+                corrupt = verify_bundle(topology.bundle, manifest)
+                if corrupt:
+                    raise TopologyError([("bundle", msg) for msg in corrupt], topology.source)
         key_problems = _key_problems(topology)
         if key_problems:
             raise TopologyError(key_problems, topology.source)
