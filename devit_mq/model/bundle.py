@@ -66,6 +66,8 @@ class InputSpec:
 
     def to_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, H, W, C]`` (or ``[B, H, W]`` for one channel) -> normalised float ``[B, C, H, W]``."""
+        if isinstance(images, np.ndarray) and not images.flags.writeable:
+            images = images.copy()  # a view of a received frame: torch wants writable memory
         x = torch.as_tensor(np.asarray(images))
         if x.ndim == 3 and self.in_chans == 1:
             x = x.unsqueeze(-1)
