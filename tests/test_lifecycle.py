@@ -392,6 +392,21 @@ def test_mpi_dead_aggregator_ends_the_job_with_a_partial_report(tmp_path):
     assert 0 < len([a for a in data["answers"] if a["error"] is None]) < 400
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+def test_mpi_dead_client_is_named_and_every_server_ends(tmp_path):
+    topo = write_topology(tmp_path / "mpi.yaml", make_bundle(tmp_path / "bundle"), transport="mpi")
+    env = dict(os.environ, **{ENV_TEST_EXIT: "client#10"})
+    started = time.perf_counter()
+    out = subprocess.run(mpirun_command(4) + [*CLI, "mpi", str(topo), "--run", "check", "--images", "400"],
+                         capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env)
+    took = time.perf_counter() - started
+    assert out.returncode != 0
+    died = [line for line in out.stderr.splitlines() if "'client' (client, rank 0) died" in line]
+    assert len(died) == 3, out.stderr
+    print(f"mpi job with a dead client rank ended after {took:.2f}s")
+
+
 # -- 5. the --run plug-in -----------------------------------------------------------------------------
 def mpi_plugin(client, topology, config):
     """A --run plug-in for the test below: classify 3 images, say so, return an exit code."""

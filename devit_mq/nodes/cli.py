@@ -495,20 +495,29 @@ def main_mpi(argv: list[str]) -> int:
         role = topology.node(dead_name).role if dead_rank in names else "?"
         print(f"devit-mq mpi: {name} (rank {rank}): node {dead_name!r} ({role}, rank {dead_rank}) died: {reason}",
               file=sys.stderr, flush=True)
-        node, client = state["node"], state["client"]
-        if node is not None and role == "client":
-            node.stop()  # nobody is left to ask for anything, nor to say shutdown
-        if client is not None and role == "edge":
-            client.edges = [e for e in client.edges if e != dead_name]  # its part is zero-filled
-        if client is not None and role == "aggregator":
-            client.timeout_s = 0.0  # nothing will answer: let every open request time out now
+        react()
 
-    watch = mpi_launch.RankWatch(comm, peers, on_death).start()
+    def react() -> None:
+        """Act on every death so far (called again once the node or the client exists)."""
+        node, client = state["node"], state["client"]
+        for dead_rank in list(watch.dead):
+            role = topology.node(names[dead_rank]).role
+            if node is not None and role == "client":
+                node.stop()  # nobody is left to ask for anything, nor to say shutdown
+            if client is not None and role == "edge":
+                # its part is zero-filled; sending on to a dead rank would fill MPI's buffers
+                client.edges = [e for e in client.edges if e != names[dead_rank]]
+            if client is not None and role == "aggregator":
+                client.timeout_s = 0.0  # nothing will answer: let every open request time out now
+
+    watch = mpi_launch.RankWatch(comm, peers, on_death)
+    watch.start()
 
     def dead_names() -> list[str]:
         return [f"{names.get(r, r)} (rank {r})" for r in sorted(watch.dead)]
 
     from devit_mq.transport import open_transport
+    from devit_mq.transport.mpi import TAG
 
     from .runtime import build_node, make_client, serve
 
@@ -520,14 +529,16 @@ def main_mpi(argv: list[str]) -> int:
             print(f"devit-mq mpi: {name} (rank {rank}): cannot start: {exc}", file=sys.stderr, flush=True)
             return mpi_launch.finish(comm, None, 1)
         state["node"] = node
+        react()  # the client may have died while this node was loading
         serve(node)
-        return mpi_launch.finish(comm, watch, 0)
+        return mpi_launch.finish(comm, watch, 0, transport_tag=TAG)
     from .base import configure_threads
     from .client import ClientError
 
     configure_threads(spec.threads)
     client = make_client(topology, transport, name)
     state["client"] = client
+    react()
     aggregator_rank = ranks[topology.aggregator.name]
     edge_ranks = {ranks[e.name] for e in topology.edges}
 
@@ -571,4 +582,4 @@ def main_mpi(argv: list[str]) -> int:
         print(f"devit-mq mpi: client: finished degraded; dead: {', '.join(dead_names())}", file=sys.stderr,
               flush=True)
         code = max(code, 1)
-    return mpi_launch.finish(comm, watch, code)
+    return mpi_launch.finish(comm, watch, code, transport_tag=TAG)

@@ -44,8 +44,8 @@ REMOTE_SILENCE_S = 30.0  # generous: a remote rank compiling kernels may hold it
 AGREE_TIMEOUT_S = 120.0
 FINISH_TIMEOUT_S = 60.0
 
-# Test-only hook: "NAME@SECONDS" makes that node's rank exit (os._exit(1)) SECONDS after it starts
-# serving; "NAME#N" when it receives its N-th message. Read by `devit-mq mpi`; not a user option.
+# Test-only hook: "NAME@SECONDS" makes that node's rank exit (os._exit(1)) SECONDS after its transport
+# opens; "NAME#N" when it receives its N-th message. Read by `devit-mq mpi`; not a user option.
 ENV_TEST_EXIT = "DEVIT_MQ_TEST_EXIT"
 
 
@@ -172,7 +172,9 @@ class RankWatch:
         self._last_seen: dict[int, float] = {}
         self._sends: list[tuple[Any, bytes]] = []
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # for the dead set, and so that "B" is the last message sent
+        self._send_lock = threading.Lock()
+        self._quiet = False  # set by done(): no heartbeat after the goodbye
         self._thread = threading.Thread(target=self._run, name="rank-watch", daemon=True)
 
     def start(self) -> RankWatch:
@@ -221,10 +223,12 @@ class RankWatch:
         now = time.monotonic()
         if self._mpi_ok:
             try:
-                self._progress()
-                for rank in self.remote:
-                    if rank not in self.dead and rank not in self.left:
-                        self._send(rank, b"H")
+                with self._send_lock:
+                    self._progress()
+                    if not self._quiet:
+                        for rank in self.remote:
+                            if rank not in self.dead and rank not in self.left:
+                                self._send(rank, b"H")
                 self._drain(now)
             except self._MPI.Exception as exc:
                 log.debug("rank watch: %s", exc)
@@ -242,45 +246,95 @@ class RankWatch:
             self._tick()
 
     def done(self) -> None:
-        """Tell every peer this rank has finished its work (its exit is not a death)."""
+        """Tell every peer this rank has finished its work (its exit is not a death). The goodbye is
+        the last message this rank sends on the watch tag."""
         if not self._mpi_ok:
             return
-        for rank in self.others:
-            if rank not in self.dead:
-                self._send(rank, b"B")
+        with self._send_lock:
+            self._quiet = True
+            for rank in self.others:
+                if rank not in self.dead:
+                    self._send(rank, b"B")
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop watching. With ``drain_s``, first receive every peer's goodbye (for up to that
+        long): MPI_Finalize fails on a communicator with unreceived messages."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(2.0)
-        deadline = time.monotonic() + 1.0
-        while self._sends and time.monotonic() < deadline:
-            self._progress()
-            time.sleep(0.005)
+        deadline = time.monotonic() + max(drain_s, 1.0)
+        while self._mpi_ok and time.monotonic() < deadline:
+            try:
+                self._progress()
+                if drain_s > 0:
+                    self._drain(time.monotonic())
+            except self._MPI.Exception:
+                break
+            pending = drain_s > 0 and any(r not in self.left and r not in self.dead for r in self.others)
+            if not self._sends and not pending:
+                break
+            time.sleep(0.002)
 
 
-def finish(comm: Any, watch: RankWatch | None, code: int, timeout_s: float = FINISH_TIMEOUT_S) -> int:
-    """End this rank: finalise normally when every rank is alive and arrives, else flush and leave
-    without ``MPI_Finalize`` (which would wait for a dead rank forever)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if watch is not None:
-        watch.done()
-        if not watch.dead:
-            request = comm.Ibarrier()
-            deadline = time.monotonic() + timeout_s
-            while not request.Test():
-                if watch.dead or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.01)
-            else:
-                watch.stop()
-                return code
-        watch.stop()
+def _drain_tag(comm: Any, tag: int, quiet_s: float = 0.1, limit_s: float = 1.0) -> int:
+    """Receive and drop what is still queued for this rank on ``tag`` (e.g. a last heartbeat sent to
+    a node that had already stopped) until ``quiet_s`` passes without any: MPI_Finalize fails on a
+    communicator that holds unreceived messages."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    dropped, start = 0, time.monotonic()
+    last = start
+    while time.monotonic() - last < quiet_s and time.monotonic() - start < limit_s:
+        if comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+            buf = bytearray(status.Get_count(MPI.BYTE))
+            comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=tag)
+            dropped += 1
+            last = time.monotonic()
+        else:
+            time.sleep(0.002)
+    return dropped
+
+
+def _leave(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def finish(comm: Any, watch: RankWatch | None, code: int, timeout_s: float = FINISH_TIMEOUT_S,
+           transport_tag: int | None = None) -> int:
+    """End this rank: finalise when every rank is alive and arrives in a final barrier, else flush
+    and leave without ``MPI_Finalize`` (which would wait for a dead rank forever). Before
+    finalising, leftover messages are received (``transport_tag``: the transport's tag)."""
+    from mpi4py import MPI
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if watch is None:
+        _leave(code)
+    watch.done()
+    if watch.dead:
+        watch.stop()
+        _leave(code)
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + timeout_s
+    while not request.Test():
+        if watch.dead or time.monotonic() >= deadline:
+            watch.stop()
+            _leave(code)
+        time.sleep(0.01)
+    watch.stop(drain_s=5.0)
+    try:
+        if transport_tag is not None:
+            _drain_tag(comm, transport_tag)
+        MPI.Finalize()
+    except MPI.Exception as exc:  # never hang the job over a failed finalisation
+        print(f"devit-mq mpi: rank {comm.Get_rank()}: MPI_Finalize failed: {exc}".splitlines()[0],
+              file=sys.stderr)
+        _leave(code or 1)
+    return code
 
 
 # -- the test-only exit hook ----------------------------------------------------------------------
