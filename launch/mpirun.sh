@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # mpirun wrapper: finds the virtual environment's mpirun (the `mpich` wheel installs one into
 # .venv/bin) and, when it is Open MPI, adds --oversubscribe and the run-as-root variables (MPICH
-# needs neither).
+# needs neither); for a topology under MPICH it adds -disable-auto-cleanup, so a dead rank is named.
 #
 #   launch/mpirun.sh TOPOLOGY.yaml [MPIRUN ARGS...] [-- DEVIT-MQ MPI ARGS...]
 #       = mpirun -n <number of nodes> [MPIRUN ARGS] devit-mq mpi TOPOLOGY.yaml [DEVIT-MQ MPI ARGS]
@@ -28,7 +28,8 @@ find_mpirun() {
 mpirun="$(find_mpirun)"
 bindir="$(dirname "$mpirun")"
 extra=()
-if "$mpirun" --version 2>&1 | grep -qi "open mpi"; then
+version="$("$mpirun" --version 2>&1 || true)"
+if grep -qi "open mpi" <<<"$version"; then
     extra+=(--oversubscribe)
     if [[ "$(id -u)" == 0 ]]; then
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -48,6 +49,9 @@ if [[ $# -ge 1 && "$1" == *.yaml || $# -ge 1 && "$1" == *.yml ]]; then
         shift
     done
     [[ $# -gt 0 ]] && shift  # the "--"
+    # MPICH (hydra) kills every rank when one dies; with -disable-auto-cleanup the survivors name
+    # the dead node and the client reports the answers it has (see devit_mq/nodes/mpi_launch.py)
+    grep -qi "hydra" <<<"$version" && extra+=(-disable-auto-cleanup)
     exec "$mpirun" "${extra[@]}" -n "$ranks" "${mpi_args[@]}" "$devit" mpi "$topology" "$@"
 fi
 exec "$mpirun" "${extra[@]}" "$@"

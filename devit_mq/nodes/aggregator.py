@@ -85,6 +85,7 @@ class AggregatorNode(NodeBase):
         self.last_seen: dict[int, float] = {}  # part -> time.monotonic() of its edge's last message
         self.edge_telemetry: dict[str, Telemetry] = {}  # latest heartbeat of each edge (by owner name)
         self._status: tuple[float, Status] | None = None
+        self.started = time.monotonic()
         self.metrics.info = {"role": "aggregator", "policy": missing_policy, "deadline_ms": deadline_ms}
 
     # -- loop -----------------------------------------------------------------------------------
@@ -189,7 +190,9 @@ class AggregatorNode(NodeBase):
             self._fuse(keys)
 
     def _expire(self, now: float) -> None:
-        silent = {p for p, t in self.last_seen.items() if now - t > EDGE_SILENCE_S}
+        # a part never heard from counts from the aggregator's start: an edge that died before it
+        # was ready must not make every request wait its full deadline
+        silent = {p for p in range(self.num_parts) if now - self.last_seen.get(p, self.started) > EDGE_SILENCE_S}
         expired = self.table.due(now, silent)
         if not expired:
             return
