@@ -275,9 +275,11 @@ def _refused(before: dict, after: dict) -> dict[str, int]:
 def run(topology_path: str | Path, frames: int = 2000, only: list[str] | None = None) -> dict[str, Any]:
     """Launch the topology, run every attack with ``frames`` frames, and measure after each."""
     from devit_mq.nodes.launcher import Launcher
+    from devit_mq.nodes.runtime import Client
 
-    with Launcher(topology_path) as launcher:
+    with Launcher(topology_path) as launcher, Client(launcher.topology, timeout_s=30) as victim_client:
         client = launcher.client
+        victim = victim_client.node  # its own connection: the recovery checks cannot swallow its answers
         shape = tuple(launcher.status["image_shape"])
         imgs = np.random.default_rng(0).integers(0, 256, size=(16, *shape), dtype=np.uint8)
         baseline = client.predict(imgs, batch_size=4, window=2)
@@ -288,14 +290,13 @@ def run(topology_path: str | Path, frames: int = 2000, only: list[str] | None = 
             if only and name not in only:
                 continue
             before = _node_figures(client)
-            pending = client.submit(imgs[:2])  # live requests the attack can try to cancel or steal
-            target = Target(launcher.topology, imgs[:1], client.name, tuple(pending))
+            pending = victim.submit(imgs[:2])  # live requests the attack can try to cancel or steal
+            target = Target(launcher.topology, imgs[:1], victim.name, tuple(pending))
             t0 = time.perf_counter()
             sent = attack(target, frames)
             attack_s = time.perf_counter() - t0
             alive = all(p.proc.poll() is None for p in launcher.processes)
             recovered = None
-            answers = client.collect(0)
             deadline = time.perf_counter() + 30
             while time.perf_counter() < deadline and alive:
                 pred = client.predict(imgs, batch_size=4, window=2)
@@ -304,9 +305,10 @@ def run(topology_path: str | Path, frames: int = 2000, only: list[str] | None = 
                 if same:
                     recovered = time.perf_counter() - t0 - attack_s
                     break
+            answers: list = []
             deadline = time.perf_counter() + 10
             while len(answers) < len(pending) and time.perf_counter() < deadline:
-                answers += client.collect(0.1)
+                answers += victim.collect(0.1)
             after = _node_figures(client) if alive else {}
             rows.append({
                 "attack": name, "what": what, "frames": sent, "attack_s": round(attack_s, 2),
