@@ -7,8 +7,8 @@ DEVIT   := $(VENV)/bin/devit-mq
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire stress stress-faults train-default \
-        bundles lint clean
+.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire bench-hostile stress stress-faults \
+        train-default bundles lint clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench-kernels: install
 
 bench-wire: install
 	$(DEVIT) bench wire
+
+# Every hostile-peer attack, 20,000 frames each, against a launched topology (about a minute): nodes
+# alive, answers correct, time to recover, RSS before/after. tests/test_hostile.py is the short version.
+bench-hostile: install
+	$(DEVIT) bench hostile topologies/bench-2edge.yaml --frames 20000 --json runs/hostile.json
 
 # Closed loop (4 clients) for 5 minutes on the benchmark shapes (random weights): saturates the edges,
 # so the report's "sustained / slowest edge standalone" ratio and RSS growth are meaningful.
