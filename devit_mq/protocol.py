@@ -101,6 +101,7 @@ Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LEN)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT)]
 Short = Annotated[str, Meta(max_length=128)]
 Number = Annotated[float, Meta(ge=-1e18, le=1e18)]
+Integer = Annotated[int, Meta(ge=-(1 << 62), le=1 << 62)]
 Token = Annotated[str, Meta(max_length=128)]
 
 
@@ -157,7 +158,7 @@ class Telemetry(_Schema):
 
     node: Name
     pid: Count = 0
-    info: Annotated[dict[Key, Short | Number | bool | None], Meta(max_length=MAX_INFO)] = {}
+    info: Annotated[dict[Key, Short | Integer | Number | bool | None], Meta(max_length=MAX_INFO)] = {}
     uptime_s: Number = 0.0
     counters: Annotated[dict[Key, Count], Meta(max_length=MAX_COUNTERS + 1)] = {}
     bytes: Annotated[dict[Key, Count], Meta(max_length=MAX_LINKS + 1)] = {}
