@@ -64,6 +64,9 @@ MAX_STAGES = 16
 MAX_INFO = 16
 OTHER = "other"  # the one shared bucket for peers the topology does not name
 
+#: a bundle's manifest file (written by training, read by every node and by `devit-mq check`)
+MANIFEST_FILE = "manifest.json"
+
 #: the key name (CURVE) of the operator's tools: only it may stop nodes when CURVE is on
 ADMIN_KEY = "admin"
 #: environment variables a launcher hands to the nodes it starts

@@ -184,3 +184,13 @@ def test_model_sections_are_checked_against_the_data():
         config_from_dict({"teacher": {"model": {"img_size": 32}}}).teacher_config((28, 28, 1), 10)
     with pytest.raises(ConfigError, match=r"teacher\.model.*unknown"):
         config_from_dict({"teacher": {"model": {"width": 3}}}).teacher_config((28, 28, 1), 10)
+
+
+def test_training_config_refuses_duplicate_keys(tmp_path):
+    """Plain YAML keeps the last of two equal keys silently; a training run must not."""
+    from devit_mq.dekd.config import load_config
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\nteacher:\n  epochs: 2\n  epochs: 20\n")
+    with pytest.raises(ConfigError, match=r"line 4: duplicate key 'epochs' \(first on line 3\)"):
+        load_config(path)

@@ -28,13 +28,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from devit_mq.protocol import MANIFEST_FILE
+
 from .config import ConfigError, FusionConfig, ViTConfig
 from .fusion import DeViTEnsemble, FusionHead
 from .vit import VisionTransformer
 
 BUNDLE_FORMAT = "devit-mq-bundle"
 BUNDLE_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE  # one name for the trainer, the nodes and the topology checker
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 

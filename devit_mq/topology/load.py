@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from devit_mq.protocol import MAX_CLASS_NAME, MAX_CLASSES
+from devit_mq.protocol import MANIFEST_FILE, MAX_CLASS_NAME, MAX_CLASSES
 from devit_mq.yamlio import DuplicateKeyError, load_strict
 
 from .schema import Topology, TopologyError, parse_topology
@@ -16,7 +16,6 @@ from .schema import Topology, TopologyError, parse_topology
 if TYPE_CHECKING:  # the model package imports torch: only load it when a manifest is really read
     from devit_mq.model import Manifest
 
-MANIFEST_FILE = "manifest.json"
 PACKAGE_BUNDLES = Path(__file__).resolve().parent.parent / "assets" / "bundles"
 
 
