@@ -215,3 +215,20 @@ def test_client_skips_an_edge_that_refused_a_send_for_a_while():
     assert client.metrics.counters["send_failed.ghost"] == 1  # a topology node: counted by name
     assert client.metrics.counters["skipped.ghost"] == 1
     assert client.metrics.counters["sent.image"] == 2  # edge0 twice, ghost never
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_numpy_fusion_matches_the_torch_head(tmp_path, prefix):
+    from devit_mq.nodes.executor import NumpyFusionExecutor
+
+    bundle = make_bundle(tmp_path / "b", prefix=prefix)
+    manifest = load_manifest(bundle)
+    torch_fusion = TorchFusionExecutor(load_fusion(bundle))
+    numpy_fusion = NumpyFusionExecutor.from_bundle(bundle, manifest)
+    x = np.random.default_rng(0).standard_normal((5, prefix, sum(manifest.fusion.in_dims))).astype(np.float32)
+    x[1, :, :32] = 0  # a missing part is zero-filled
+    ours, ref = numpy_fusion.fuse(x), torch_fusion.fuse(x)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(ours.sum(1), 1.0, atol=1e-6)

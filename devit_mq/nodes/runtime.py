@@ -61,7 +61,7 @@ def _edge_executor(topology: Topology, spec, manifest):
 def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
     """Load only what node ``name`` needs from the bundle and wire it to ``transport``. A node
     started by a launcher takes the launch's admin token and instance id from its environment."""
-    from devit_mq.model import load_fusion, load_manifest
+    from devit_mq.model import load_manifest
 
     spec = topology.node(name)
     configure_threads(spec.threads)
@@ -77,12 +77,12 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
         node.metrics.info["attention_requested"] = spec.attention
         return node
     if spec.role == "aggregator":
-        from .executor import TorchFusionExecutor
+        from .executor import NumpyFusionExecutor
 
-        fusion = load_fusion(topology.bundle, manifest)
-        cfg = fusion.config
+        cfg = manifest.fusion
         return AggregatorNode(
-            name, transport, TorchFusionExecutor(fusion), cfg.in_dims, cfg.num_prefix_tokens, who,
+            name, transport, NumpyFusionExecutor.from_bundle(topology.bundle, manifest), cfg.in_dims,
+            cfg.num_prefix_tokens, who,
             deadline_ms=spec.deadline_ms, missing_policy=spec.missing_policy, max_pending=spec.max_pending,
             limits=limits, info={"classes": manifest.classes, "codec": topology.codec,
                                  "image_shape": list(manifest.input.image_shape),
