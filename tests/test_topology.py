@@ -415,6 +415,12 @@ def test_check_command_wants_curve_keys(tmp_path, capsys):
     assert check_main([str(path), "--no-bundle"]) == 0
     secret = tmp_path / "keys" / "edge1.key_secret"
     assert secret.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "keys" / "admin.key_secret").is_file()  # the operator's pair comes with --topology
+    # clients in bulk, each its own pair
+    assert main_keys([str(tmp_path / "keys"), "--clients", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "keys").glob("client-*.key_secret")) == [
+        "client-0000.key_secret", "client-0001.key_secret", "client-0002.key_secret"]
+    assert main_keys([str(tmp_path / "keys")]) == 2  # nothing asked for
 
 
 @pytest.mark.timeout(60)

@@ -165,7 +165,8 @@ def main_keys(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace existing pairs")
     args = p.parse_args(argv)
     if args.nodes is None and args.topology is None and args.clients <= 0:
-        p.error("give --nodes, --topology or --clients N")
+        print("devit-mq keys: give --nodes, --topology or --clients N", file=sys.stderr)
+        return 2
     if not zmq.has("curve"):
         print("devit-mq keys: this libzmq was built without CURVE", file=sys.stderr)
         return 2
