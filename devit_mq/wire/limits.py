@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
 
 from devit_mq.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -16,9 +14,7 @@ from devit_mq.protocol import (
     MAX_NDIM,
 )
 
-
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not allowed")
+__all__ = ["DEFAULT_LIMITS", "MAX_HEADER_ITEMS", "Limits"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +24,8 @@ class Limits:
     ``max_message_bytes`` caps header + payload (checked first, from the frame lengths alone);
     ``max_batch`` caps the rows of an array and the number of request ids; ``max_meta_bytes`` caps the
     packed ``meta`` blob (it travels as its own msgpack blob, so its size is known before msgspec
-    decodes it against its kind's schema); ``max_header_bytes`` caps the header without its meta, which holds only short strings,
-    the shape and 8 bytes per request id. ``allow_nonfinite`` lets NaN/Inf through in float arrays
+    decodes it against its kind's schema); ``max_header_bytes`` caps the header without its meta,
+    which holds only short strings, the shape and 8 bytes per request id. ``allow_nonfinite`` lets NaN/Inf through in float arrays
     (and non-finite int8 scales); off by default because one NaN token poisons a fused prediction.
     """
 
@@ -52,21 +48,6 @@ class Limits:
     def header_cap(self) -> int:
         """Largest header frame accepted (the fixed part plus the meta blob)."""
         return self.max_header_bytes + self.max_meta_bytes
-
-    # The msgpack caps derived from these limits, built once per Limits (decode is called per message).
-    # No string or blob can be longer than the frame that holds it; item counts are capped so a small
-    # hostile frame cannot expand into millions of objects. Extension types (including msgpack's
-    # timestamp) are refused: the wire carries plain values only.
-
-    @cached_property
-    def header_unpack_kwargs(self) -> dict[str, Any]:
-        return self._unpack_kwargs(self.header_cap, max(MAX_HEADER_ITEMS, self.max_ndim))
-
-    @staticmethod
-    def _unpack_kwargs(max_bytes: int, max_items: int) -> dict[str, Any]:
-        return {"raw": False, "strict_map_key": True, "use_list": True, "ext_hook": _reject_ext,
-                "max_str_len": max_bytes, "max_bin_len": max_bytes, "max_array_len": max_items,
-                "max_map_len": max_items, "max_ext_len": 0}
 
 
 DEFAULT_LIMITS = Limits()
