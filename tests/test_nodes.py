@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 class Cluster:
     """Aggregator + edges as threads on one in-process hub."""
 
-    def __init__(self, bundle, codec="fp32", start_edges=None, authenticate=True, **agg_kwargs):
+    def __init__(self, bundle, codec="fp32", start_edges=None, authenticate=True, edge_kwargs=None, **agg_kwargs):
         self.hub = InprocHub(authenticate=authenticate)
         manifest = load_manifest(bundle)
         n = manifest.num_parts
@@ -37,7 +37,8 @@ class Cluster:
                                          fusion.config.num_prefix_tokens, self.roster, **agg_kwargs)
         self.edges = [EdgeNode(name, InprocTransport(self.hub, name),
                                TorchEdgeExecutor(load_submodel(bundle, i), manifest.input, 4),
-                               manifest.input.image_shape, i, self.roster, codec=codec, max_batch=4, max_wait_ms=2)
+                               manifest.input.image_shape, i, self.roster, codec=codec, max_batch=4, max_wait_ms=2,
+                               **(edge_kwargs or {}))
                       for i, name in enumerate(self.edge_names)]
         started = range(n) if start_edges is None else start_edges
         self.threads = [threading.Thread(target=self.aggregator.run, daemon=True)]
@@ -232,3 +233,25 @@ def test_numpy_fusion_matches_the_torch_head(tmp_path, prefix):
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
     np.testing.assert_allclose(ours.sum(1), 1.0, atol=1e-6)
+
+
+def test_edges_answer_requests_that_waited_too_long_as_overloaded(bundle):
+    """Admission control: a request that has already waited past max_queue_ms when its batch would
+    start is answered "overloaded" at once, and the next requests are served normally."""
+    with Cluster(bundle, edge_kwargs={"max_queue_ms": 200}) as cluster:
+        client = cluster.client()
+        client.connect(20)
+        stale = Message(Kind.IMAGE, client.name, request_ids=(77, 78), array=images(2), codec="raw",
+                        reply_to=client.name, timestamps={"client_sent": time.time() - 1.0})
+        client.outstanding.update({77: time.perf_counter(), 78: time.perf_counter()})
+        for edge in cluster.edge_names:
+            client.send(edge, stale)
+        answers = []
+        deadline = time.time() + 10
+        while len(answers) < 2 and time.time() < deadline:
+            answers += client.collect(0.1)
+        assert sorted(a.request_id for a in answers) == [77, 78]
+        assert all(a.error and a.error.startswith("overloaded") for a in answers), [a.error for a in answers]
+        assert cluster.edges[0].metrics.counters["overloaded"] == 2
+        pred = client.predict(images(3))
+        assert not pred.errors and pred.degraded == 0

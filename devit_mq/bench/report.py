@@ -208,13 +208,17 @@ def stress_markdown(result: dict[str, Any]) -> str:
                 + ".", ""]
     if result.get("faults"):
         out += [f"Faults: {json.dumps(result['faults'])}", ""]
-    out += [table(["requests", "answered", "ok", "degraded", "errors", "client timeouts", "lost", "duplicates",
-                   "unexpected", "throughput req/s", "p50 ms", "p99 ms"],
-                  [[s["submitted"], s["answered"], s["ok"], s["degraded"], s["errors"], s["timeouts"], s["lost"],
-                    s["duplicates"], s["unexpected_answers"], fmt(s["throughput"]), fmt(s["latency_ms"].get("p50")),
-                    fmt(s["latency_ms"].get("p99"))]]), "",
-            "lost = no answer from the system (client-side timeouts + never answered); unexpected = answers for "
-            "ids this run never sent (a corrupted header).", ""]
+    admitted = s.get("admitted_latency_ms", {})
+    out += [table(["requests", "answered", "ok", "degraded", "overloaded", "errors", "client timeouts", "lost",
+                   "duplicates", "unexpected", "offered req/s", "served req/s", "p50 ms", "p99 ms",
+                   "admitted p99 ms"],
+                  [[s["submitted"], s["answered"], s["ok"], s["degraded"], s.get("overloaded", 0), s["errors"],
+                    s["timeouts"], s["lost"], s["duplicates"], s["unexpected_answers"], fmt(s.get("offered_per_s")),
+                    fmt(s.get("served_per_s")), fmt(s["latency_ms"].get("p50")), fmt(s["latency_ms"].get("p99")),
+                    fmt(admitted.get("p99"))]]), "",
+            "lost = no answer from the system (client-side timeouts + never answered); overloaded = refused at once "
+            "by admission control (answered, not lost); served = ok + degraded answers per second; unexpected = "
+            "answers for ids this run never sent (a corrupted header).", ""]
     if result.get("events"):
         out += ["Events: " + "; ".join(f"{e['event']} {e.get('node', '')} at {e['t']:.1f} s" for e in result["events"]),
                 ""]

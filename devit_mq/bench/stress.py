@@ -138,6 +138,8 @@ class Ledger:
                     kind = "degraded" if a.degraded else "ok"
                 elif a.error.startswith("timeout"):
                     kind = "timeout"
+                elif a.error.startswith("overloaded"):
+                    kind = "overloaded"  # refused by admission control: answered at once, not lost
                 else:
                     kind = "error"
                     if len(self.error_examples) < 5:
@@ -147,12 +149,16 @@ class Ledger:
     def summary(self, load_s: float) -> dict[str, Any]:
         with self.lock:
             kinds = Counter(k for _, _, k in self.done.values())
-            answered = kinds["ok"] + kinds["degraded"] + kinds["error"]
+            answered = kinds["ok"] + kinds["degraded"] + kinds["error"] + kinds["overloaded"]
             latencies = [ms for t, ms, k in self.done.values() if k != "timeout"]
+            admitted = [ms for t, ms, k in self.done.values() if k in ("ok", "degraded")]
             in_load = sum(1 for t, _, k in self.done.values() if k != "timeout" and t <= load_s)
+            served = sum(1 for t, _, k in self.done.values() if k in ("ok", "degraded") and t <= load_s)
             return {
                 "submitted": len(self.sent), "answered": answered, "ok": kinds["ok"], "degraded": kinds["degraded"],
-                "errors": kinds["error"], "timeouts": kinds["timeout"],
+                "errors": kinds["error"], "overloaded": kinds["overloaded"], "timeouts": kinds["timeout"],
+                "offered_per_s": len(self.sent) / load_s, "served_per_s": served / load_s,
+                "admitted_latency_ms": percentiles(admitted, (50, 90, 99)),
                 "lost": kinds["timeout"] + len(self.sent) - len(self.done),
                 "duplicates": sum(1 for n in self.raw.values() if n > 1), "unexpected_answers": self.unexpected,
                 "throughput": in_load / load_s, "latency_ms": percentiles(latencies, (50, 90, 99)),
@@ -465,7 +471,9 @@ def run_rate_sweep(topology_path: str | Path, cfg: StressConfig, rates: Sequence
         if launcher is not None:
             launcher.stop()
     sweep = [{"offered": r["config"]["rate"], "achieved": r["summary"]["throughput"],
-              **{k: r["summary"][k] for k in ("latency_ms", "degraded", "errors", "lost", "duplicates")}}
+              "served": r["summary"]["served_per_s"],
+              **{k: r["summary"][k] for k in ("latency_ms", "admitted_latency_ms", "degraded", "errors", "overloaded",
+                                              "lost", "duplicates")}}
              for r in runs]
     return {"kind": "stress-sweep", "topology": str(topology_path), "sweep": sweep, "runs": runs,
             "standalone": runs[0].get("standalone") if runs else None,

@@ -43,6 +43,7 @@ class EdgeNode(NodeBase):
         codec: str = "fp32",
         max_batch: int = 8,
         max_wait_ms: float = 0.0,
+        max_queue_ms: float | None = None,
         limits: Limits | None = None,
     ) -> None:
         super().__init__(name, transport, roster, limits)
@@ -52,6 +53,9 @@ class EdgeNode(NodeBase):
         self.aggregator = roster.aggregator
         self.codec = codec
         self.batcher = Batcher(max_batch, max_wait_ms / 1e3)
+        # admission control: a request that has waited longer than this when its batch starts is
+        # answered "overloaded" at once instead of computed late (None: every request is computed)
+        self.max_queue_s = None if not max_queue_ms else max_queue_ms / 1e3
         self._last_heartbeat = 0.0
         self.metrics.info = {"role": "edge", "part": part, "codec": codec, **executor.describe()}
 
@@ -67,7 +71,7 @@ class EdgeNode(NodeBase):
                 if self.batcher.full or not self.running:
                     break
                 msg = self.receive(0)  # take what is already queued into the batch
-            jobs = self.batcher.take_due()
+            jobs = self._admit(self.batcher.take_due())
             if jobs:
                 self.step_safely(self._process, jobs)
             if self.running:  # not after a shutdown: the aggregator may be gone, the send would wait
@@ -82,6 +86,30 @@ class EdgeNode(NodeBase):
             self.running = False
         else:
             self.metrics.count("ignored_messages")
+
+    # -- admission ------------------------------------------------------------------------------
+    def _waited_s(self, job: Job, now: float) -> float:
+        """How long a request has waited: since the client sent it where its stamp is plausible
+        (requests queue inside the transport before the edge decodes them), else since decode."""
+        sent = job.msg.timestamps.get("client_sent")
+        if sent is not None and 0.0 <= now - sent <= 60.0:
+            return now - sent
+        return now - job.received
+
+    def _admit(self, jobs: list[Job]) -> list[Job]:
+        if self.max_queue_s is None or not jobs:
+            return jobs
+        now = time.time()
+        admitted = []
+        for job in jobs:
+            waited = self._waited_s(job, now)
+            if waited <= self.max_queue_s:
+                admitted.append(job)
+                continue
+            self.metrics.count("overloaded", job.images)
+            self._error(job.msg, "overloaded", f"waited {waited * 1e3:.0f} ms, more than max_queue_ms "
+                                               f"{self.max_queue_s * 1e3:g}")
+        return admitted
 
     # -- compute ----------------------------------------------------------------------------------
     def _valid(self, msg: Message) -> bool:

@@ -73,7 +73,7 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
     if spec.role == "edge":
         node = EdgeNode(name, transport, _edge_executor(topology, spec, manifest), manifest.input.image_shape,
                         spec.submodel, who, codec=topology.codec, max_batch=spec.max_batch,
-                        max_wait_ms=spec.max_wait_ms, limits=limits)
+                        max_wait_ms=spec.max_wait_ms, max_queue_ms=spec.max_queue_ms, limits=limits)
         node.metrics.info["attention_requested"] = spec.attention
         return node
     if spec.role == "aggregator":

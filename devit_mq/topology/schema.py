@@ -44,11 +44,13 @@ Keys, by section (everything not marked *required* has the default shown):
   to bind, default ``tcp://<host>:<port>`` for a loopback host, otherwise ``tcp://*:<port>``);
   ``threads`` (1), ``attention`` (``auto``), ``max_batch`` (8), ``max_wait_ms`` (0.0).
 - edges only: ``submodel`` (*required*: the bundle's sub-model index; each of 0..N-1 exactly once),
-  ``embed_dim`` (optional: the expected feature width, checked against the bundle).
+  ``embed_dim`` (optional: the expected feature width, checked against the bundle), ``max_queue_ms``
+  (0 = off: admission control; a request that has waited longer when its batch starts is answered
+  ``overloaded`` at once instead of computed late).
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
 - client: ``threads`` (1).
 - ``defaults`` may hold ``host`` and any of the tunables (``threads``, ``attention``, ``max_batch``,
-  ``max_wait_ms``, ``deadline_ms``, ``missing_policy``, ``max_pending``); each applies to the roles
+  ``max_wait_ms``, ``deadline_ms``, ``missing_policy``, ``max_pending``, ``max_queue_ms``); each applies to the roles
   that take it.
 
 Every mistake is reported as a :class:`TopologyError` whose lines start with the key path
@@ -89,16 +91,16 @@ SECURITY_KEYS = ("curve", "keys_dir")
 ADDRESS_KEYS = ("host", "port", "ipc", "bind")
 COMPUTE_KEYS = ("threads", "attention", "max_batch", "max_wait_ms")
 AGGREGATOR_KEYS = ("deadline_ms", "missing_policy", "max_pending")
-EDGE_KEYS = ("submodel", "embed_dim")
+EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
     "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *EDGE_KEYS),
     "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *AGGREGATOR_KEYS),
     "client": ("name", "role", "rank", "threads"),
 }
-DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS)
+DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS, "max_queue_ms")
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "threads": 1, "attention": "auto", "max_batch": 8, "max_wait_ms": 0.0,
-    "deadline_ms": 1000.0, "missing_policy": "degrade", "max_pending": 10000,
+    "deadline_ms": 1000.0, "missing_policy": "degrade", "max_pending": 10000, "max_queue_ms": 0.0,
 }
 _ALL_NODE_KEYS = sorted({k for keys in NODE_KEYS.values() for k in keys})
 _LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -179,6 +181,7 @@ class NodeSpec:
     missing_policy: str | None = None
     max_pending: int | None = None
     embed_dim: int | None = None
+    max_queue_ms: float | None = None  # edges: admission control (0: off)
     key_path: str = field(default="", compare=False)  # where it was declared, e.g. "edges[1]"
 
     @property
@@ -438,6 +441,7 @@ _TUNABLES: dict[str, tuple[type, dict[str, Any]]] = {
     "deadline_ms": (float, {"above": 0}),
     "missing_policy": (str, {"choices": MISSING_POLICIES}),
     "max_pending": (int, {"minimum": 1}),
+    "max_queue_ms": (float, {"minimum": 0}),
 }
 
 
