@@ -437,3 +437,35 @@ def test_multihost_script_prints_one_node_command_per_host():
     commands = [line for line in lines if not line.startswith("#")]
     assert [c.split("&& ")[1] for c in commands] == [
         f".venv/bin/devit-mq node topologies/multihost.yaml --name {n}" for n in ("aggregator", "edge0", "edge1")]
+
+
+@pytest.mark.parametrize("cpus, message", [
+    ([], "expected a non-empty list of CPU numbers"), ("0", "expected a non-empty list of CPU numbers"),
+    ([0, -1], "expected a non-empty list of CPU numbers"), ([True], "expected a non-empty list of CPU numbers"),
+    ([1, 1], "lists a CPU twice"),
+])
+def test_cpus_must_be_a_list_of_distinct_cpu_numbers(cpus, message):
+    data = topo()
+    data["edges"][0]["cpus"] = cpus
+    with pytest.raises(TopologyError, match=r"edges\[0\]\.cpus: " + message):
+        load_topology(data, check_bundle=False)
+
+
+def test_cpus_pin_the_node_process_and_a_missing_cpu_is_named(tmp_path):
+    import subprocess
+    import sys
+
+    data = topo()
+    data["edges"][0]["cpus"] = [0]
+    data["edges"][1]["cpus"] = [4096]
+    path = write(tmp_path / "t.yaml", data)
+    script = ("import os, sys; from devit_mq.topology import load_topology; from devit_mq.nodes.runtime import pin_cpus\n"
+              "t = load_topology(sys.argv[1], check_bundle=False)\n"
+              "pin_cpus(t, t.node('edge0')); print(sorted(os.sched_getaffinity(0)))\n"
+              "try:\n    pin_cpus(t, t.node('edge1'))\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[0]"
+    assert "edges[1].cpus: CPU(s) [4096] are not available" in lines[1]
+    assert load_topology(path, check_bundle=False).to_dict()["edges"][0]["cpus"] == [0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from devit_mq.protocol import ADMIN_KEY, ENV_ADMIN_TOKEN, ENV_INSTANCE
-from devit_mq.topology import Topology, check_against_bundle, load_topology
+from devit_mq.topology import Topology, TopologyError, check_against_bundle, load_topology
 from devit_mq.transport import Transport, open_transport
 from devit_mq.wire import Limits, warmup
 
@@ -41,6 +41,20 @@ def roster(topology: Topology, admin_token: str | None = None) -> Roster:
     return Roster(topology.aggregator.name, {e.submodel: e.name for e in topology.edges}, admins, admin_token)
 
 
+def pin_cpus(topology: Topology, spec) -> None:
+    """Pin this process to the node's ``cpus`` (co-located edges then do not migrate between cores
+    and fight over caches); a CPU this host does not have is the topology's error, named by key."""
+    if not spec.cpus:
+        return
+    available = sorted(os.sched_getaffinity(0))
+    missing = [c for c in spec.cpus if c not in available]
+    if missing:
+        raise TopologyError([(f"{spec.key_path}.cpus", f"CPU(s) {missing} are not available to this process on "
+                              f"this host (available: {available})")], topology.source)
+    os.sched_setaffinity(0, spec.cpus)
+    log.info("%s: pinned to CPU(s) %s", spec.name, list(spec.cpus))
+
+
 def _edge_executor(topology: Topology, spec, manifest):
     from devit_mq.model import load_submodel
 
@@ -64,6 +78,7 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
     from devit_mq.model import load_manifest
 
     spec = topology.node(name)
+    pin_cpus(topology, spec)
     configure_threads(spec.threads)
     warmup()  # load the codec kernels now, not on the first request
     manifest = load_manifest(topology.bundle)

@@ -48,6 +48,8 @@ Keys, by section (everything not marked *required* has the default shown):
   (0 = off: admission control; a request that has waited longer when its batch starts is answered
   ``overloaded`` at once instead of computed late).
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
+- aggregator and edges: ``cpus`` (optional, per node: a list of CPU numbers of its host to pin the
+  process to, e.g. ``[1]``; checked against the host when the node starts).
 - client: ``threads`` (1).
 - ``defaults`` may hold ``host`` and any of the tunables (``threads``, ``attention``, ``max_batch``,
   ``max_wait_ms``, ``deadline_ms``, ``missing_policy``, ``max_pending``, ``max_queue_ms``); each applies to the roles
@@ -90,11 +92,12 @@ LIMIT_KEYS = ("max_message_bytes", "hwm")
 SECURITY_KEYS = ("curve", "keys_dir")
 ADDRESS_KEYS = ("host", "port", "ipc", "bind")
 COMPUTE_KEYS = ("threads", "attention", "max_batch", "max_wait_ms")
+PLACEMENT_KEYS = ("cpus",)  # per node only: which CPUs of its host the process may run on
 AGGREGATOR_KEYS = ("deadline_ms", "missing_policy", "max_pending")
 EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
-    "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *EDGE_KEYS),
-    "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *AGGREGATOR_KEYS),
+    "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *EDGE_KEYS),
+    "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *AGGREGATOR_KEYS),
     "client": ("name", "role", "rank", "threads"),
 }
 DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS, "max_queue_ms")
@@ -182,6 +185,7 @@ class NodeSpec:
     max_pending: int | None = None
     embed_dim: int | None = None
     max_queue_ms: float | None = None  # edges: admission control (0: off)
+    cpus: tuple[int, ...] | None = None  # CPU affinity on its host (None: the scheduler decides)
     key_path: str = field(default="", compare=False)  # where it was declared, e.g. "edges[1]"
 
     @property
@@ -324,6 +328,8 @@ class Topology:
             allowed = NODE_KEYS[n.role]
             d = {k: v for k, v in dataclasses.asdict(n).items() if k in allowed and v is not None}
             d.pop("role", None)
+            if "cpus" in d:
+                d["cpus"] = list(d["cpus"])
             return d
 
         out: dict[str, Any] = {
@@ -485,6 +491,8 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
         if key in _TUNABLES:
             kind, checks = _TUNABLES[key]
             out[key] = ck.value(data, key, path, kind, defaults.get(key, BUILTIN_DEFAULTS[key]), **checks)
+    if "cpus" in data:
+        out["cpus"] = _parse_cpus(ck, data["cpus"], _join(path, "cpus"))
     if role == "edge":
         out["submodel"] = ck.value(data, "submodel", path, int, minimum=0)
         out["embed_dim"] = ck.value(data, "embed_dim", path, int, minimum=1)
@@ -509,6 +517,19 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
     elif transport == "zmq" and "port" not in data and "ipc" not in data:
         ck.error(path, "needs an address for ZeroMQ: 'port' (with 'host') or 'ipc'")
     return out
+
+
+def _parse_cpus(ck: _Checker, value: Any, where: str) -> tuple[int, ...] | None:
+    """A non-empty list of distinct CPU numbers (whether the host has them is checked where the node
+    starts: a multi-host topology describes other machines)."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value)):
+        ck.error(where, f"expected a non-empty list of CPU numbers (ints >= 0), got {value!r}")
+        return None
+    if len(set(value)) != len(value):
+        ck.error(where, f"lists a CPU twice: {value}")
+        return None
+    return tuple(value)
 
 
 def _parse_defaults(ck: _Checker, raw: Any) -> dict[str, Any]:
