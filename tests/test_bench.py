@@ -26,6 +26,8 @@ def check_phase(phase, threads=("1", "2")):
     assert positive(phase["edge_compute_ms"]["p50"])
     assert phase["overhead_ms"]["n"] == phase["latency_ms"]["n"]
     assert phase["latency_errors"] == 0
+    assert len(phase["latency_rounds_p50_ms"]) >= 1
+    assert positive(phase["overhead_vs_floor"]) or math.isnan(phase["overhead_vs_floor"])  # overhead may be ~0
     assert phase["best_batch"] in phase["throughput"]
     for tp in phase["throughput"].values():
         assert positive(tp["img_s"]) and tp["errors"] == 0 and tp["cpu_s_per_img"] >= 0
@@ -49,6 +51,7 @@ def test_bench_quick_zmq_writes_well_formed_json(topology, tmp_path):
     data = json.loads(out.read_text())
     assert data["bundle"]["random_weights"] is True
     check_phase(data["devit"]["zmq"])
+    assert data["floor"]["zmq"]["n"] == 20 and positive(data["floor"]["zmq"]["p50_us"])
     assert set(data["speedup"]) == {"zmq vs teacher 1T", "zmq vs teacher 2T"}
     assert all(positive(v) for s in data["speedup"].values() for v in s.values())
     cases = data["transport"]["zmq"]["cases"]
@@ -67,6 +70,7 @@ def test_bench_quick_mpi_phase_runs_under_mpirun(topology, tmp_path):
                  "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     check_phase(data["devit"]["mpi"])
+    assert data["floor"]["mpi"]["n"] == 20 and positive(data["floor"]["mpi"]["p50_us"])
     assert all(positive(c["ratio"]) for c in data["transport"]["mpi"]["cases"].values())
 
 

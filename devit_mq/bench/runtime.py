@@ -54,8 +54,9 @@ class BenchError(RuntimeError):
 class BenchPlan:
     """How much to measure. ``QUICK`` is the CI smoke size; the default takes a few minutes."""
 
-    latency_requests: int = 40
-    rounds: int = 4  # DeViT and teacher latency requests alternate in this many chunks
+    latency_requests: int = 500  # batch-1 requests per configuration (p99 from 500 is not the maximum)
+    rounds: int = 10  # DeViT and teacher latency requests alternate in this many chunks
+    floor_requests: int = 500  # the raw fan-out/fan-in measured next to each DeViT phase
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     throughput_images: int = 64
     window: int = 2  # batches in flight during throughput runs
@@ -75,8 +76,9 @@ class BenchPlan:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-QUICK = BenchPlan(latency_requests=6, rounds=2, batch_sizes=(1, 4), throughput_images=8, teacher_batch_sizes=(1, 4),
-                  teacher_throughput_images=4, rate_features=2000, rate_images=200, rate_repeats=1)
+QUICK = BenchPlan(latency_requests=6, rounds=2, floor_requests=20, batch_sizes=(1, 4), throughput_images=8,
+                  teacher_batch_sizes=(1, 4), teacher_throughput_images=4, rate_features=2000, rate_images=200,
+                  rate_repeats=1)
 
 
 def bench_images(n: int, image_shape: Sequence[int], seed: int) -> np.ndarray:
@@ -212,9 +214,12 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
         for t in plan.teacher_threads:
             teacher.latency(images[:2], t)
     answers, teacher_lat = [], {t: [] for t in plan.teacher_threads}
+    rounds_p50 = []
     chunks = np.array_split(np.arange(plan.latency_requests), max(1, plan.rounds))
     for r, idx in enumerate(chunks):
-        answers += client.predict(images[idx], batch_size=1, window=1).answers
+        got = client.predict(images[idx % len(images)], batch_size=1, window=1).answers
+        answers += got
+        rounds_p50.append(percentiles([a.latency_s * 1e3 for a in got if a.ok]).get("p50"))
         if teacher is not None:
             for t in plan.teacher_threads:
                 teacher_lat[t] += teacher.latency(images[idx], t)
@@ -223,6 +228,7 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
     result: dict[str, Any] = {
         **latency_breakdown(answers),
         "latency_errors": len(answers) - len(ok), "latency_degraded": sum(a.degraded for a in ok),
+        "latency_rounds_p50_ms": rounds_p50,  # the spread across interleaved rounds
     }
     result["throughput"] = {}
     for b in plan.batch_sizes:
@@ -387,6 +393,25 @@ def _phase_mpi(topology_path: Path, plan: BenchPlan, work_dir: Path, timeout_s: 
     return result
 
 
+def message_sizes(topology_path: Path) -> dict[str, Any]:
+    """Bytes of the batch-1 image message and of each edge's feature message (header included), as
+    the topology's codecs encode them: what the floor sends."""
+    from devit_mq.model import load_manifest
+    from devit_mq.nodes.demo import wire_bytes_per_image
+    from devit_mq.topology import load_topology
+
+    topology = load_topology(topology_path)
+    sizes = list(wire_bytes_per_image(topology, load_manifest(topology.bundle)).values())
+    return {"image_bytes": sizes[0], "feature_bytes": sizes[1:]}
+
+
+def measure_floor(transport: str, sizes: dict[str, Any], requests: int) -> dict[str, Any]:
+    from .floor import mpi_floor, zmq_floor
+
+    measure = zmq_floor if transport == "zmq" else mpi_floor
+    return measure(sizes["image_bytes"], sizes["feature_bytes"], requests)
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
@@ -437,12 +462,19 @@ def run_bench(topology: str | Path, plan: BenchPlan, work_dir: Path, shapes_name
     teacher = TeacherRunner(bundle, attention)
     result["attention"] = {"edges": sorted({e.attention for e in spec.edges})}
     result["devit"] = {}
+    result["floor"] = {}
+    sizes = message_sizes(paths["zmq"])
     for transport in transports:
         print(f"== DeViT over {transport} (teacher interleaved in the client process) ==", flush=True)
         if transport == "zmq":
             result["devit"]["zmq"] = _phase_zmq(paths["zmq"], teacher, plan, work_dir / "logs-zmq")
         else:
             result["devit"]["mpi"] = _phase_mpi(paths["mpi"], plan, work_dir, mpi_timeout_s)
+        # the floor right after, same hops and sizes: the ratio compares numbers of the same minute
+        print(f"== raw {transport} floor ({plan.floor_requests} requests) ==", flush=True)
+        result["floor"][transport] = measure_floor(transport, sizes, plan.floor_requests)
+        overhead_us = result["devit"][transport]["overhead_ms"].get("p50", float("nan")) * 1e3
+        result["devit"][transport]["overhead_vs_floor"] = overhead_us / result["floor"][transport]["p50_us"]
     result["speedup"] = speedups(result)
     if rates:
         from .transport_rates import measure_mpi, measure_zmq
