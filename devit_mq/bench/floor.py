@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import shutil
 import statistics
@@ -35,6 +34,8 @@ from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from devit_mq.transport.mpi import reduce_timer_slack  # one copy of the timer-slack tweak
 
 HEADER_BYTES = 60  # about what the real wire header of a one-image message weighs
 RESULT_BYTES = 10 * 4  # ten fp32 logits
@@ -382,7 +383,7 @@ def _mpirun() -> str:
 def _mpi_wait(comm: Any, source: int, tag: int, status: Any, deadline: float) -> None:
     """Return once a message from ``source`` with ``tag`` can be received.
 
-    ``Iprobe``, then a 5 us nap, with the timer slack cut to 1 us (:func:`_reduce_timer_slack`). The
+    ``Iprobe``, then a 5 us nap, with the timer slack cut to 1 us (:func:`devit_mq.transport.mpi.reduce_timer_slack`). The
     ranks (N+2) outnumber the cores of a small machine, and a rank that spins (or blocks in ``Recv``,
     which spins inside MPICH) holds a core that the rank with work needs. Measured here (2 shared
     cores, 4 ranks, 849/142 B, load ~6), p50 per request: pure spin ~20 ms, ``os.sched_yield`` 2.6-7
@@ -396,16 +397,6 @@ def _mpi_wait(comm: Any, source: int, tag: int, status: Any, deadline: float) ->
         time.sleep(nap_s)
 
 
-def _reduce_timer_slack() -> None:
-    """Linux wakes a sleeper up to 50 us late by default (timer slack), ten 5 us naps' worth."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_TIMERSLACK, 1000, 0, 0, 0)  # nanoseconds
-    except (OSError, AttributeError):  # not Linux: naps are as precise as the platform makes them
-        pass
-
-
-_PR_SET_TIMERSLACK = 29
 
 
 def _mpi_role(args: argparse.Namespace) -> None:
@@ -413,7 +404,7 @@ def _mpi_role(args: argparse.Namespace) -> None:
 
     comm = MPI.COMM_WORLD
     deadline = time.monotonic() + args.timeout
-    _reduce_timer_slack()
+    reduce_timer_slack()
     try:
         if comm.Get_size() != len(args.feature_bytes) + 2:
             raise FloorError(f"mpi floor: {len(args.feature_bytes)} edges need {len(args.feature_bytes) + 2} "

@@ -109,7 +109,7 @@ class MpiTransport(Transport):
         # the stream rate about 3x, and an idle node's caller waits in long recv calls, so the CPU cost
         # stays small (100 us per call).
         self.spin = spin
-        _reduce_timer_slack()
+        reduce_timer_slack()
         self.dropped = 0  # malformed or oversized messages received and discarded
         try:
             self.ranks = topology.mpi_ranks(self.comm.Get_size())
@@ -242,7 +242,7 @@ class MpiTransport(Transport):
         self._pending.clear()
 
 
-def _reduce_timer_slack() -> None:
+def reduce_timer_slack() -> None:
     """Linux lets a sleeping thread wake up to 50 us late (timer slack) to batch wake-ups; for
     200 us naps that is a 25% latency tax. 1 us is what a sleep of that size needs."""
     try:
