@@ -51,7 +51,6 @@ MAX_BATCH = 4096  # rows of one array message (and request ids)
 MAX_META_BYTES = 4 * MiB  # the packed meta blob; a status reply of 64 nodes and 16k classes fits
 MAX_HEADER_BYTES = 64 * KiB  # the header without its meta: short strings, the shape, 8 B per id
 MAX_HEADER_ITEMS = 64  # entries of any header map or array (the timestamps map is the largest)
-MAX_NDIM = 8
 
 MAX_PARTS = 64  # sub-models (edges) of one topology
 MAX_NODES = MAX_PARTS + 2  # edges + aggregator + the MPI client

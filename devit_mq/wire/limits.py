@@ -11,7 +11,6 @@ from devit_mq.protocol import (
     MAX_HEADER_ITEMS,
     MAX_META_BYTES,
     MAX_NAME_LEN,
-    MAX_NDIM,
 )
 
 __all__ = ["DEFAULT_LIMITS", "MAX_HEADER_ITEMS", "Limits"]
@@ -33,12 +32,11 @@ class Limits:
     max_batch: int = MAX_BATCH
     max_meta_bytes: int = MAX_META_BYTES
     max_header_bytes: int = MAX_HEADER_BYTES
-    max_ndim: int = MAX_NDIM
     max_name_len: int = MAX_NAME_LEN
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "max_batch", "max_meta_bytes", "max_header_bytes", "max_ndim",
+        for name in ("max_message_bytes", "max_batch", "max_meta_bytes", "max_header_bytes",
                      "max_name_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
