@@ -52,6 +52,10 @@ def test_bench_quick_zmq_writes_well_formed_json(topology, tmp_path):
     assert data["bundle"]["random_weights"] is True
     check_phase(data["devit"]["zmq"])
     assert data["floor"]["zmq"]["n"] == 20 and positive(data["floor"]["zmq"]["p50_us"])
+    busy = data["busy_floor"]["zmq"]
+    assert busy["n"] == 20 and busy["edge_work_ms"] == data["devit"]["zmq"]["edge_compute_ms"]["p50"]
+    assert data["devit"]["zmq"]["overhead_vs_busy_floor"] == pytest.approx(
+        data["devit"]["zmq"]["overhead_ms"]["p50"] * 1e3 / busy["p50_us"])
     assert set(data["speedup"]) == {"zmq vs teacher 1T", "zmq vs teacher 2T"}
     assert all(positive(v) for s in data["speedup"].values() for v in s.values())
     cases = data["transport"]["zmq"]["cases"]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import psutil
@@ -70,6 +71,33 @@ def test_mpi_floor_smoke(tag):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("floor", [zmq_floor, pytest.param(mpi_floor, marks=pytest.mark.mpi)])
+def test_busy_floor_edges_really_work_and_overhead_excludes_it(tag, floor):
+    """With edge work the reported figures are latency minus the work: the work must really happen
+    (the mean request takes at least the work: the reported mean cannot be far below 0) and be
+    subtracted (reported p50 far below the work itself)."""
+    work_ms = 15.0
+    result = floor(849, [142, 142], requests=12, warmup=2, rounds=2, timeout_s=60, edge_work_ms=work_ms)
+    check_result(result, result["transport"], 12, 2)
+    assert result["edge_work_ms"] == work_ms
+    assert result["p50_us"] < work_ms * 1e3 / 2  # the work was subtracted
+    assert min(result["rounds_p50_us"]) > 0  # ... and was done: else latency - work would be < 0
+    assert leftovers(tag) == []
+
+
+def test_busy_work_keeps_the_core_busy_for_its_time():
+    from devit_mq.bench.floor import busy_work
+
+    assert busy_work(0) is None
+    work = busy_work(20.0)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    work()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    assert 0.020 <= wall < 0.020 + 0.05  # ends on time (one small GEMM of overshoot; slack for a busy host)
+    assert cpu > 0.5 * wall  # it computed rather than slept
+
+
+@pytest.mark.timeout(120)
 def test_zmq_floor_timeout_stops_every_child(tag):
     with pytest.raises(FloorError):
         zmq_floor(849, [142, 142], requests=10**7, warmup=0, timeout_s=1.5)
@@ -93,6 +121,8 @@ def test_mpi_floor_timeout_kills_mpirun_and_its_ranks(tag):
     ({"requests": 0}, "requests must be an int >= 1"),
     ({"rounds": 11}, r"rounds \(11\) must not exceed requests \(10\)"),
     ({"timeout_s": 0}, "timeout_s must be > 0"),
+    ({"edge_work_ms": -1.0}, r"edge_work_ms must be in \[0, 10000\]"),
+    ({"edge_work_ms": float("nan")}, r"edge_work_ms must be in \[0, 10000\]"),
 ])
 def test_wrong_arguments_raise_before_starting_anything(tag, floor, kwargs, match):
     args = {"image_bytes": 849, "feature_bytes": [142, 142], "requests": 10, **kwargs}

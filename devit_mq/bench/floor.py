@@ -9,6 +9,15 @@ the real ZeroMQ transport wires them) or raw mpi4py ``Isend``/``Send``/``Recv`` 
 (rank 0 client, 1 aggregator, 2.. edges). ``devit-mq bench`` divides the framework's batch-1 latency
 by this floor, per transport, to report its overhead.
 
+With ``edge_work_ms`` > 0 every raw edge also keeps its core busy with BLAS for that long per
+request before it answers (a working set of several MB, like a sub-model's weights): the *busy
+floor*. An edge process that has just computed for tens of milliseconds, and a client and aggregator
+that slept meanwhile, run their next few hundred microseconds of Python on cold caches (measured
+here: a 26 us encode+decode takes 300-430 us right after a 40 ms forward or a 40 ms sleep), so the
+idle floor understates what any process pipeline around real compute costs on the same machine. The
+busy floor's overhead is its latency minus ``edge_work_ms`` (each edge overshoots by at most one small
+GEMM, ~10 us).
+
 Requests are sequential (one in flight); the client times each one end to end with ``perf_counter``
 after a warm-up and reports p50/p99/mean over all of them and the p50 of each of ``rounds``
 consecutive slices (their spread says how noisy the machine was).
@@ -48,6 +57,9 @@ CHILD_EXIT_TIMEOUT_S = 10.0
 STOP = b"S"  # one-frame message (zmq) that ends a child
 HELLO_EDGE, HELLO_CLIENT, READY = b"E", b"C", b"R"
 DATA_TAG, STOP_TAG = 0x464C, 0x4653  # MPI tags
+# The busy edges' BLAS working set: 8 weight matrices of a 192-d ViT block's MLP shape (4.7 MB of
+# fp32, past the caches like a sub-model's weights) and a 16-row activation (one GEMM is ~0.1 ms).
+WORK_DIM, WORK_HIDDEN, WORK_MATRICES, WORK_ROWS = 192, 768, 8, 16
 
 
 class FloorError(RuntimeError):
@@ -56,7 +68,7 @@ class FloorError(RuntimeError):
 
 # -- arguments and statistics ---------------------------------------------------------------------
 def _check_args(image_bytes: int, feature_bytes: Sequence[int], requests: int, warmup: int, rounds: int,
-                timeout_s: float) -> list[int]:
+                timeout_s: float, edge_work_ms: float = 0.0) -> list[int]:
     """The feature sizes as a list, or ValueError naming the bad argument (before any process starts)."""
     sizes = list(feature_bytes)
     if not sizes:
@@ -71,6 +83,8 @@ def _check_args(image_bytes: int, feature_bytes: Sequence[int], requests: int, w
         raise ValueError(f"rounds ({rounds}) must not exceed requests ({requests})")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    if not 0 <= edge_work_ms <= 10_000:  # also refuses NaN
+        raise ValueError(f"edge_work_ms must be in [0, 10000], got {edge_work_ms!r}")
     return sizes
 
 
@@ -83,15 +97,45 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
 
 
 def summarize(transport: str, latencies_us: Sequence[float], rounds: int, image_bytes: int,
-              feature_bytes: Sequence[int]) -> dict[str, Any]:
-    """The result dict of a run: percentiles over all requests and the p50 of each round."""
-    ordered = sorted(latencies_us)
-    n = len(latencies_us)
+              feature_bytes: Sequence[int], edge_work_ms: float = 0.0) -> dict[str, Any]:
+    """The result dict of a run: percentiles over all requests and the p50 of each round, of the
+    latency minus the edges' work (so with ``edge_work_ms`` it is the busy floor's overhead)."""
+    work_us = edge_work_ms * 1e3
+    over = [x - work_us for x in latencies_us]
+    ordered = sorted(over)
+    n = len(over)
     bounds = [n * i // rounds for i in range(rounds + 1)]
     return {"transport": transport, "p50_us": _percentile(ordered, 50), "p99_us": _percentile(ordered, 99),
-            "mean_us": statistics.fmean(latencies_us), "n": n,
-            "rounds_p50_us": [statistics.median(latencies_us[a:b]) for a, b in pairwise(bounds)],
-            "image_bytes": image_bytes, "feature_bytes": list(feature_bytes)}
+            "mean_us": statistics.fmean(over), "n": n,
+            "rounds_p50_us": [statistics.median(over[a:b]) for a, b in pairwise(bounds)],
+            "image_bytes": image_bytes, "feature_bytes": list(feature_bytes), "edge_work_ms": edge_work_ms}
+
+
+def busy_work(work_ms: float):
+    """A function that keeps this core busy with BLAS for ``work_ms`` per call (None for 0): what a
+    raw edge of the busy floor does instead of a forward. numpy is imported (single-threaded) only
+    here, so that the idle floor's children stay as bare as before."""
+    if work_ms <= 0:
+        return None
+    import os
+
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((WORK_DIM, WORK_HIDDEN), np.float32) for _ in range(WORK_MATRICES)]
+    x = rng.standard_normal((WORK_ROWS, WORK_DIM), np.float32)
+    work_s = work_ms / 1e3
+
+    def work() -> None:
+        end, i = time.perf_counter() + work_s, 0
+        while time.perf_counter() < end:
+            x @ weights[i % WORK_MATRICES]
+            i += 1
+
+    work()  # the first GEMM pays BLAS's set-up
+    return work
 
 
 def _header(rid: int) -> bytes:
@@ -211,10 +255,10 @@ def _role_command(role: str, *args: object) -> list[str]:
 
 # -- ZeroMQ ---------------------------------------------------------------------------------------
 def zmq_floor(image_bytes: int, feature_bytes: list[int], requests: int, warmup: int = 50, rounds: int = 5,
-              timeout_s: float = 120) -> dict[str, Any]:
+              timeout_s: float = 120, edge_work_ms: float = 0.0) -> dict[str, Any]:
     """The floor over raw pyzmq on TCP loopback: one process per edge and one aggregator process;
     this process is the client. Every child is stopped before this returns or raises."""
-    sizes = _check_args(image_bytes, feature_bytes, requests, warmup, rounds, timeout_s)
+    sizes = _check_args(image_bytes, feature_bytes, requests, warmup, rounds, timeout_s, edge_work_ms)
     from .transport_rates import _free_ports  # (that module imports the wire codecs: only here)
 
     deadline = time.monotonic() + timeout_s
@@ -225,9 +269,10 @@ def zmq_floor(image_bytes: int, feature_bytes: list[int], requests: int, warmup:
                                      "--timeout", timeout_s))
         for port, size in zip(edge_ports, sizes, strict=True):
             children.spawn(_role_command("zmq-edge", "--port", port, "--agg-port", agg_port, "--feature-bytes",
-                                         size, "--image-bytes", image_bytes, "--timeout", timeout_s))
+                                         size, "--image-bytes", image_bytes, "--timeout", timeout_s,
+                                         "--edge-work-ms", edge_work_ms))
         latencies_us = _zmq_client(agg_port, edge_ports, image_bytes, warmup + requests, deadline, children)
-    return summarize("zmq", latencies_us[warmup:], rounds, image_bytes, sizes)
+    return summarize("zmq", latencies_us[warmup:], rounds, image_bytes, sizes, edge_work_ms)
 
 
 def _zmq_client(agg_port: int, edge_ports: Sequence[int], image_bytes: int, total: int, deadline: float,
@@ -289,8 +334,11 @@ def _zmq_requests(dealer: Any, pushes: Sequence[Any], image_bytes: int, total: i
     return latencies_us
 
 
-def _zmq_edge(port: int, agg_port: int, feature_bytes: int, image_bytes: int, timeout_s: float) -> None:
-    """Forward every image's header with a feature payload to the aggregator, until STOP."""
+def _zmq_edge(port: int, agg_port: int, feature_bytes: int, image_bytes: int, timeout_s: float,
+              edge_work_ms: float = 0.0) -> None:
+    """Forward every image's header with a feature payload to the aggregator (after ``edge_work_ms``
+    of BLAS), until STOP."""
+    work = busy_work(edge_work_ms)
     import zmq
 
     ctx = zmq.Context()
@@ -306,6 +354,8 @@ def _zmq_edge(port: int, agg_port: int, feature_bytes: int, image_bytes: int, ti
         if len(frames) == 1:
             dealer.send(STOP)
             break
+        if work is not None:
+            work()
         dealer.send_multipart((frames[0], feature))
     ctx.destroy(linger=int(CHILD_EXIT_TIMEOUT_S * 1000))  # the STOP must reach the aggregator
 
@@ -350,10 +400,10 @@ def _zmq_gather_hellos(router: Any, n_edges: int) -> bytes:
 
 # -- MPI ------------------------------------------------------------------------------------------
 def mpi_floor(image_bytes: int, feature_bytes: list[int], requests: int, warmup: int = 50, rounds: int = 5,
-              timeout_s: float = 120) -> dict[str, Any]:
+              timeout_s: float = 120, edge_work_ms: float = 0.0) -> dict[str, Any]:
     """The floor over raw mpi4py under ``mpirun -n N+2`` (rank 0 client, 1 aggregator, 2.. edges);
     mpirun and its ranks are killed if they run past ``timeout_s``."""
-    sizes = _check_args(image_bytes, feature_bytes, requests, warmup, rounds, timeout_s)
+    sizes = _check_args(image_bytes, feature_bytes, requests, warmup, rounds, timeout_s, edge_work_ms)
     with tempfile.TemporaryDirectory(prefix="devit-floor-") as tmp, _Children() as children:
         out = Path(tmp) / "floor.json"
         # the ranks' own time-out is a backstop for when this process is gone: later than ours, so that
@@ -361,7 +411,8 @@ def mpi_floor(image_bytes: int, feature_bytes: list[int], requests: int, warmup:
         rank_timeout_s = timeout_s + CHILD_EXIT_TIMEOUT_S
         cmd = [_mpirun(), "-n", str(len(sizes) + 2)] + _role_command(
             "mpi", "--image-bytes", image_bytes, "--feature-bytes", ",".join(map(str, sizes)), "--requests",
-            requests, "--warmup", warmup, "--rounds", rounds, "--timeout", rank_timeout_s, "--json", out)
+            requests, "--warmup", warmup, "--rounds", rounds, "--timeout", rank_timeout_s, "--json", out,
+            "--edge-work-ms", edge_work_ms)
         proc = children.spawn(cmd)
         try:
             children.collect(proc, timeout_s)
@@ -415,7 +466,7 @@ def _mpi_role(args: argparse.Namespace) -> None:
         elif rank == 1:
             _mpi_aggregator(comm, len(args.feature_bytes), max(args.feature_bytes), deadline)
         else:
-            _mpi_edge(comm, args.image_bytes, args.feature_bytes[rank - 2], deadline)
+            _mpi_edge(comm, args.image_bytes, args.feature_bytes[rank - 2], deadline, busy_work(args.edge_work_ms))
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -443,11 +494,12 @@ def _mpi_client(comm: Any, args: argparse.Namespace, deadline: float) -> None:
             raise FloorError(f"mpi floor: the answer to request {rid} carries another request id")
     for edge in edges:
         comm.Send([bytearray(0), MPI.BYTE], dest=edge, tag=STOP_TAG)
-    result = summarize("mpi", latencies_us[args.warmup:], args.rounds, args.image_bytes, args.feature_bytes)
+    result = summarize("mpi", latencies_us[args.warmup:], args.rounds, args.image_bytes, args.feature_bytes,
+                       args.edge_work_ms)
     Path(args.json).write_text(json.dumps(result))
 
 
-def _mpi_edge(comm: Any, image_bytes: int, feature_bytes: int, deadline: float) -> None:
+def _mpi_edge(comm: Any, image_bytes: int, feature_bytes: int, deadline: float, work=None) -> None:
     from mpi4py import MPI
 
     image, feature = bytearray(HEADER_BYTES + image_bytes), bytearray(HEADER_BYTES + feature_bytes)
@@ -459,6 +511,8 @@ def _mpi_edge(comm: Any, image_bytes: int, feature_bytes: int, deadline: float) 
             comm.Send([bytearray(0), MPI.BYTE], dest=1, tag=STOP_TAG)
             return
         comm.Recv([image, MPI.BYTE], source=0, tag=DATA_TAG)
+        if work is not None:
+            work()
         feature[:HEADER_BYTES] = image[:HEADER_BYTES]
         comm.Send([feature, MPI.BYTE], dest=1, tag=DATA_TAG)
 
@@ -505,6 +559,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50, help="untimed requests first (default 50)")
     p.add_argument("--rounds", type=int, default=5, help="slices the timed requests are reported in")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per transport before giving up")
+    p.add_argument("--edge-work-ms", type=float, default=0.0,
+                   help="each edge keeps its core busy with BLAS this long per request (the busy floor; "
+                        "latencies are reported minus this)")
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     # what the children are told: not for users
     p.add_argument("--role", choices=("zmq-edge", "zmq-aggregator", "mpi"), help=argparse.SUPPRESS)
@@ -524,7 +581,7 @@ def _table(results: Sequence[dict[str, Any]]) -> str:
 
 def _run_role(args: argparse.Namespace) -> None:
     if args.role == "zmq-edge":
-        _zmq_edge(args.port, args.agg_port, args.feature_bytes[0], args.image_bytes, args.timeout)
+        _zmq_edge(args.port, args.agg_port, args.feature_bytes[0], args.image_bytes, args.timeout, args.edge_work_ms)
     elif args.role == "zmq-aggregator":
         _zmq_aggregator(args.port, len(args.feature_bytes), args.timeout)
     else:
@@ -541,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = ("zmq", "mpi") if args.transport == "both" else (args.transport,)
     try:
         results = [runs[t](args.image_bytes, args.feature_bytes, args.requests, args.warmup, args.rounds,
-                           args.timeout) for t in chosen]
+                           args.timeout, args.edge_work_ms) for t in chosen]
     except (ValueError, FloorError) as exc:
         print(f"devit-mq bench floor: {exc}", file=sys.stderr)
         return 1

@@ -73,10 +73,12 @@ def bench_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         pct = phase["overhead_pct"].get("p50")
         out.append(_target(f"framework overhead at batch 1 ({transport}), p50 % of e2e",
                            f"<= {MAX_OVERHEAD_PCT}%", pct, _check(pct, lambda v: v <= MAX_OVERHEAD_PCT)))
-        ratio, goal = phase.get("overhead_vs_floor"), MAX_OVERHEAD_VS_FLOOR.get(transport)
-        if ratio is not None and goal is not None:
-            out.append(_target(f"framework overhead at batch 1 ({transport}) / raw {transport} floor, p50",
-                               f"<= {goal}x", ratio, _check(ratio, lambda v, g=goal: v <= g)))
+        goal = MAX_OVERHEAD_VS_FLOOR.get(transport)
+        for key, which in (("overhead_vs_floor", "floor"), ("overhead_vs_busy_floor", "busy floor")):
+            ratio = phase.get(key)
+            if ratio is not None and goal is not None:
+                out.append(_target(f"framework overhead at batch 1 ({transport}) / raw {transport} {which}, p50",
+                                   f"<= {goal}x", ratio, _check(ratio, lambda v, g=goal: v <= g)))
     for transport, rates in result.get("transport", {}).items():
         for case, entry in rates["cases"].items():
             if case.startswith("features"):
@@ -146,14 +148,17 @@ def bench_markdown(result: dict[str, Any]) -> str:
         rows = []
         for transport, floor in result["floor"].items():
             phase = result["devit"].get(transport, {})
+            busy = result.get("busy_floor", {}).get(transport, {})
             spread = [fmt(x, 2) for x in phase.get("latency_rounds_p50_ms", [])]
             rows.append([transport, fmt(floor["p50_us"] / 1e3, 3), fmt(floor["p99_us"] / 1e3, 3),
+                         fmt(busy.get("p50_us", float("nan")) / 1e3, 3),
                          fmt(phase.get("overhead_ms", {}).get("p50"), 3), fmt(phase.get("overhead_vs_floor"), 2) + "x",
-                         " ".join(spread) or "n/a"])
+                         fmt(phase.get("overhead_vs_busy_floor"), 2) + "x", " ".join(spread) or "n/a"])
         out += ["### Framework overhead against the raw floor (same hops and message sizes, raw pyzmq / mpi4py, "
-                "no validation, no model), measured right after each phase", "",
-                table(["transport", "floor p50 ms", "floor p99 ms", "our overhead p50 ms", "overhead / floor",
-                       "DeViT p50 per round (ms)"], rows), ""]
+                "no validation, no model), measured right after each phase; the busy floor's edges also "
+                "compute (BLAS) for our edges' compute p50, so its processes wake on cold caches as ours do", "",
+                table(["transport", "floor p50 ms", "floor p99 ms", "busy floor overhead p50 ms", "our overhead p50 ms",
+                       "overhead / floor", "overhead / busy floor", "DeViT p50 per round (ms)"], rows), ""]
     if result.get("transport"):
         rows = []
         for transport, rates in result["transport"].items():
