@@ -218,6 +218,23 @@ def test_client_skips_an_edge_that_refused_a_send_for_a_while():
     assert client.metrics.counters["sent.image"] == 2  # edge0 twice, ghost never
 
 
+def test_client_encodes_an_image_once_for_every_edge(monkeypatch):
+    import devit_mq.nodes.base as base
+
+    hub = InprocHub()
+    edges = [InprocTransport(hub, name) for name in ["edge0", "edge1"]]
+    InprocTransport(hub, "aggregator")
+    client = ClientNode("c", InprocTransport(hub, "c"), Roster("aggregator", {0: "edge0", 1: "edge1"}), timeout_s=1)
+    client.hello()
+    calls = []
+    monkeypatch.setattr(base, "encode", lambda msg: calls.append(msg.kind) or encode(msg))
+    client.submit(images(2))
+    assert calls == [Kind.IMAGE]
+    got = [edge.recv(1.0) for edge in edges]
+    assert all(g is not None for g in got) and got[0].frames == got[1].frames
+    assert client.metrics.counters["sent.image"] == 2
+
+
 @pytest.mark.parametrize("prefix", [1, 2])
 def test_numpy_fusion_matches_the_torch_head(tmp_path, prefix):
     from devit_mq.nodes.executor import NumpyFusionExecutor

@@ -87,15 +87,27 @@ class NodeBase:
         message that cannot be encoded or sent is counted and logged, never raised: a dead peer or
         an oversized reply must not crash a long-running node. ``expect_failure`` logs it at debug
         level (e.g. hellos sent before the peer is up)."""
-        name = peer if isinstance(peer, str) else (peer.key or OTHER)
-        link = self.link_name(name)
+        frames = self._encode(msg, peer)
+        return Sent.FAILED if frames is None else self.send_frames(peer, frames, msg.kind, expect_failure)
+
+    def broadcast(self, peers: list[str], msg: Message) -> dict[str, Sent]:
+        """The same message to several nodes, encoded once (a client's image to every edge)."""
+        frames = self._encode(msg, ", ".join(peers))
+        return {p: Sent.FAILED if frames is None else self.send_frames(p, frames, msg.kind) for p in peers}
+
+    def _encode(self, msg: Message, peer: str | Peer) -> list[bytes] | None:
         try:
-            frames = encode(msg)
+            return encode(msg)
         except WireError as exc:
             self.metrics.count("encode_failed")
             self.log.warning(f"encode.{msg.kind.name}", "%s: cannot encode %s for %s: %s", self.name,
-                             msg.kind.name, name, exc)
-            return Sent.FAILED
+                             msg.kind.name, peer, exc)
+            return None
+
+    def send_frames(self, peer: str | Peer, frames: list[bytes], kind: Kind, expect_failure: bool = False) -> Sent:
+        """Send already encoded frames (see :meth:`send`)."""
+        name = peer if isinstance(peer, str) else (peer.key or OTHER)
+        link = self.link_name(name)
         try:
             if isinstance(peer, str):
                 self.transport.send(peer, frames)
@@ -104,10 +116,10 @@ class NodeBase:
         except TransportError as exc:
             self.metrics.count(f"send_failed.{link}")
             if not expect_failure:
-                self.log.warning(f"send.{link}", "%s: cannot send %s to %s: %s", self.name, msg.kind.name, name, exc)
+                self.log.warning(f"send.{link}", "%s: cannot send %s to %s: %s", self.name, kind.name, name, exc)
             return Sent.GONE if isinstance(exc, PeerGone) else Sent.FAILED
         self.metrics.add_bytes(f"{self.name}->{link}", len(frames[0]) + len(frames[1]))
-        self.metrics.count(f"sent.{msg.kind.name.lower()}")
+        self.metrics.count(f"sent.{kind.name.lower()}")
         return Sent.OK
 
     def receive(self, timeout: float | None) -> Message | None:

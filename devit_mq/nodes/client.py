@@ -185,13 +185,14 @@ class ClientNode(NodeBase):
         now = time.perf_counter()
         for rid in ids:
             self.outstanding[rid] = now
-        for edge in self.edges:
-            # an edge that just refused a send is skipped for a while (its part is zero-filled by
-            # the aggregator's deadline) instead of costing every request a send timeout
-            if time.monotonic() < self._skip_until.get(edge, 0.0):
-                self.metrics.count(f"skipped.{edge}")
-                continue
-            if not self.send(edge, msg):
+        # an edge that just refused a send is skipped for a while (its part is zero-filled by the
+        # aggregator's deadline) instead of costing every request a send timeout
+        now_s = time.monotonic()
+        targets = [e for e in self.edges if now_s >= self._skip_until.get(e, 0.0)]
+        for edge in set(self.edges) - set(targets):
+            self.metrics.count(f"skipped.{edge}")
+        for edge, sent in self.broadcast(targets, msg).items():
+            if not sent:
                 self._skip_until[edge] = time.monotonic() + EDGE_RETRY_S
         return ids
 
