@@ -272,3 +272,40 @@ def test_edges_answer_requests_that_waited_too_long_as_overloaded(bundle):
         assert cluster.edges[0].metrics.counters["overloaded"] == 2
         pred = client.predict(images(3))
         assert not pred.errors and pred.degraded == 0
+
+
+def test_a_node_tells_its_transport_when_it_is_idle_and_when_work_comes(monkeypatch):
+    """Idle = nothing in flight and no request traffic for IDLE_AFTER_S; heartbeats do not count.
+    The hint goes to the transport only when it changes."""
+    import devit_mq.nodes.base as base
+    from devit_mq.protocol import HeartbeatMeta
+
+    monkeypatch.setattr(base, "IDLE_AFTER_S", 0.05)
+    hints = []
+
+    class Recording(InprocTransport):
+        def set_idle(self, idle):
+            hints.append(idle)
+
+    hub = InprocHub()
+    peer = InprocTransport(hub, "edge0")
+    InprocTransport(hub, "edge1")
+    client = ClientNode("c", Recording(hub, "c"), Roster("aggregator", {0: "edge0", 1: "edge1"}), timeout_s=5)
+    agg = InprocTransport(hub, "aggregator")
+    client.receive(0.01)
+    assert hints == []  # work was recent (start-up counts): not idle yet
+    time.sleep(0.06)
+    client.receive(0.01)
+    client.receive(0.01)
+    assert hints == [True]  # once, not per call
+    client.submit(images(1))  # a request in flight: never idle while it is
+    assert peer.recv(1.0) is not None
+    client.receive(0.01)
+    assert hints == [True, False]
+    time.sleep(0.06)
+    agg.send("c", encode(Message(Kind.HEARTBEAT, "aggregator", meta=HeartbeatMeta(part=0))))
+    client.receive(0.01)  # a heartbeat is not work, and the request is still in flight
+    assert hints == [True, False]
+    client.outstanding.clear()
+    client.receive(0.01)
+    assert hints == [True, False, True]

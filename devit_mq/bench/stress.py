@@ -193,6 +193,9 @@ class AnswerTap(Transport):
     def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
         self.inner.reply(peer, frames)
 
+    def set_idle(self, idle: bool) -> None:
+        self.inner.set_idle(idle)
+
     def recv(self, timeout: float | None = None) -> Inbound | None:
         inbound = self.inner.recv(timeout)
         if inbound is not None:

@@ -104,6 +104,9 @@ class AggregatorNode(NodeBase):
         finally:
             self._answer_all_pending("aggregator shutting down")
 
+    def in_flight(self) -> bool:
+        return bool(self.table.pending)
+
     def _dispatch(self, msg: Message) -> None:
         kind, meta = msg.kind, msg.meta
         if kind == Kind.FEATURES:

@@ -25,6 +25,10 @@ from devit_mq.wire import Limits, Message, WireError, decode, encode
 from .auth import Authorizer, Roster
 
 HEARTBEAT_INTERVAL_S = 0.5
+# A node with nothing in flight and no request traffic for this long tells its transport it is idle
+# (a polling transport then naps longer: see Transport.set_idle). Heartbeats and status do not count.
+IDLE_AFTER_S = 1.0
+_WORK_KINDS = frozenset({Kind.IMAGE, Kind.FEATURES, Kind.RESULT, Kind.ERROR})
 # An edge silent for this long is treated as down: requests stop waiting for it.
 EDGE_SILENCE_S = 3.0
 
@@ -76,6 +80,8 @@ class NodeBase:
         self.log = RateLimitedLog(log)
         self._peer_names = frozenset({roster.aggregator, *roster.owners.values()})
         self.last_peer: Peer | None = None  # who sent the message :meth:`receive` returned last
+        self._last_work = time.monotonic()  # when the last request-carrying message arrived
+        self._idle = False  # what the transport was last told (set_idle)
 
     # -- messaging -----------------------------------------------------------------------------
     def link_name(self, peer: str) -> str:
@@ -122,9 +128,21 @@ class NodeBase:
         self.metrics.count(f"sent.{kind.name.lower()}")
         return Sent.OK
 
+    def in_flight(self) -> bool:
+        """Whether this node holds work it expects more messages for (a subclass says)."""
+        return False
+
+    def _hint_idle(self) -> None:
+        idle = not self.in_flight() and time.monotonic() - self._last_work > IDLE_AFTER_S
+        if idle is not self._idle:
+            self._idle = idle
+            self.transport.set_idle(idle)
+
     def receive(self, timeout: float | None) -> Message | None:
         """One decoded, authorized message, or None on timeout or for a message that was dropped
         (malformed: ``wire_errors``; not allowed from that peer: ``unauthorized``)."""
+        if timeout != 0:  # about to wait: tell the transport whether a late wake-up would cost anyone
+            self._hint_idle()
         inbound = self.transport.recv(timeout)
         if inbound is None:
             return None
@@ -140,6 +158,8 @@ class NodeBase:
             self.metrics.count("unauthorized")
             self.log.warning("auth", "%s: refused %s from %r: %s", self.name, msg.kind.name, msg.source, refusal)
             return None
+        if msg.kind in _WORK_KINDS:
+            self._last_work = time.monotonic()
         self.metrics.count(f"recv.{msg.kind.name.lower()}")
         self.metrics.add_bytes(f"{self.link_name(msg.source)}->{self.name}", sum(len(f) for f in frames))
         self.last_peer = inbound.peer

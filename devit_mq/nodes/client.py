@@ -196,6 +196,9 @@ class ClientNode(NodeBase):
                 self._skip_until[edge] = time.monotonic() + EDGE_RETRY_S
         return ids
 
+    def in_flight(self) -> bool:
+        return bool(self.outstanding)
+
     def collect(self, timeout_s: float) -> list[Answer]:
         """Answers that arrive within ``timeout_s`` (returns early once something arrived), plus
         timeout errors for requests older than the client's ``timeout_s``."""

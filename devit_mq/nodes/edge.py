@@ -77,6 +77,9 @@ class EdgeNode(NodeBase):
             if self.running:  # not after a shutdown: the aggregator may be gone, the send would wait
                 self.step_safely(self._heartbeat)
 
+    def in_flight(self) -> bool:
+        return self.batcher.wait_s() is not None  # a batch is open
+
     def _dispatch(self, msg: Message) -> None:
         if msg.kind == Kind.IMAGE:
             if self._valid(msg):

@@ -65,6 +65,11 @@ class Transport(ABC):
     def recv(self, timeout: float | None = None) -> Inbound | None:
         """One message from any peer, or ``None`` after ``timeout`` seconds (``None``: wait forever)."""
 
+    def set_idle(self, idle: bool) -> None:
+        """A hint from the node: nothing is in flight and no work came for a while, so the next
+        message may be picked up a little later in exchange for near-zero CPU while waiting. Only
+        transports that poll (MPI) use it; one that blocks in the kernel (ZeroMQ) is free when idle."""
+
     def reply(self, peer: Peer, frames: Sequence[bytes]) -> None:
         """Deliver one message over the connection ``peer`` came in on (how the aggregator answers a
         client: never by a name the client merely claims). Never waits: a connection whose queue is

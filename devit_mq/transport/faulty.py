@@ -101,6 +101,9 @@ class FaultyTransport(Transport):
                 self._deliver(peer, message)
             self.stats["sent"] += 1
 
+    def set_idle(self, idle: bool) -> None:
+        self.inner.set_idle(idle)
+
     def recv(self, timeout: float | None = None) -> Inbound | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

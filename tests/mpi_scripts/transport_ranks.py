@@ -78,6 +78,29 @@ def exchange(topology):
             wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
             expect(nothing is None, "idle recv got a message")
             say(f"IDLE_CPU {label} {name} {cpu:.3f} s over {wall:.2f} s")
+        # the node's idle hint: naps of deep_poll_interval, no spin. Count the probes (each one is a
+        # wake-up): at most one per deep nap (a loaded machine only makes fewer), while the default
+        # mode, even backed off to 1 ms naps, makes several times as many.
+        probes = {"n": 0}
+        comm, real = t.comm, t.comm.Iprobe
+
+        class Counting:
+            def Iprobe(self, *a, **k):
+                probes["n"] += 1
+                return real(*a, **k)
+
+            def __getattr__(self, attr):
+                return getattr(comm, attr)
+
+        t.comm = Counting()
+        for label, idle in (("busy", False), ("idle", True)):
+            t.set_idle(idle)
+            probes["n"] = 0
+            wall0 = time.monotonic()
+            expect(t.recv(timeout=0.5) is None, "idle recv got a message")
+            say(f"PROBES {label} {probes['n']} over {time.monotonic() - wall0:.2f} s")
+        t.set_idle(False)
+        t.comm = comm
     expect(t.flush(timeout=30), f"{name} could not flush")
     COMM.Barrier()
     t.close()
