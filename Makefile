@@ -7,7 +7,7 @@ DEVIT   := $(VENV)/bin/devit-mq
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire bench-hostile stress stress-faults \
+.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire bench-hostile stress stress-faults capacity \
         train-default bundles lint clean
 
 install: $(STAMP)
@@ -56,6 +56,12 @@ bench-hostile: install
 stress: install
 	$(DEVIT) stress topologies/bench-2edge.yaml --shapes issue --launch --clients 4 --duration 300 \
 		--window 30 --json runs/stress.json
+
+# Behaviour past capacity with admission control (about 2 minutes): the unloaded latency and the
+# capacity (closed loop), then open loop at 0.5x, 1x and 2x that capacity, on the benchmark shapes.
+capacity: install
+	$(DEVIT) stress topologies/capacity-2edge.yaml --shapes issue --launch --capacity-sweep 0.5,1,2 \
+		--duration 20 --window 5 --no-standalone --json runs/capacity.json
 
 # The same under injected faults: drops, delays, duplicates and corruption on the links, and edge0
 # killed at 30 s and restarted 20 s later. Every request must still be answered exactly once.

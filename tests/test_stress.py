@@ -5,6 +5,7 @@ plus the accounting, fault-spec and report pieces on their own. No timing is ass
 import json
 
 import pytest
+import yaml
 
 from devit_mq.bench import report
 from devit_mq.bench.faults import FaultSpec, FaultSpecError
@@ -84,6 +85,39 @@ def test_closed_loop_cli_writes_json(topology, tmp_path):
     data = json.loads(out.read_text())
     assert data["summary"]["lost"] == 0 and data["summary"]["duplicates"] == 0
     assert data["summary"]["submitted"] >= 3 and data["config"]["clients"] == 3
+
+
+@pytest.mark.timeout(180)
+def test_capacity_sweep_measures_capacity_then_answers_every_request_past_it(topology, tmp_path):
+    """Unloaded, capacity (closed loop), then open loop at 1x and 2x of it, on edges with admission
+    control: every request gets a result or an explicit error, none is lost, and the rows and
+    targets are consistent with the phases' own figures (the figures themselves are benchmarks)."""
+    data = yaml.safe_load(topology.read_text())
+    data["defaults"].update(max_batch=1, max_wait_ms=0.0, max_queue_ms=20)
+    topology.write_text(yaml.safe_dump(data))
+    out = tmp_path / "capacity.json"
+    code = main([str(topology), "--launch", "--capacity-sweep", "1,2", "--duration", "1.5", "--window", "1",
+                 "--no-standalone", "--json", str(out), "--log-dir", str(tmp_path / "logs")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "stress-capacity" and result["admission"] == {"edge0": 20.0, "edge1": 20.0}
+    cap = result["capacity_per_s"]
+    assert cap == result["saturated"]["served_per_s"] > 0
+    assert [r["multiple"] for r in result["sweep"]] == [1.0, 2.0]
+    for row in result["sweep"]:
+        assert row["lost"] == 0 and row["duplicates"] == 0
+        assert row["answered"] == row["submitted"] == row["ok"] + row["degraded"] + row["errors"] + row["overloaded"]
+        assert row["offered_per_s"] == pytest.approx(row["multiple"] * cap, rel=0.05)
+        assert row["served_vs_capacity"] == pytest.approx(row["served_per_s"] / cap)
+    names = [t["name"] for t in result["targets"]]
+    assert "served / capacity at 2x capacity" in names and "admitted p99 / unloaded p99 at 2x capacity" in names
+    md = report.capacity_markdown(result)
+    assert "| 2.0x |" in md and "edge0 20 ms" in md
+
+
+def test_capacity_sweep_refuses_bad_multiples(topology, capsys):
+    assert main([str(topology), "--launch", "--capacity-sweep", "0,2", "--duration", "1"]) == 2
+    assert "multiples > 0" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_arguments(topology, capsys):

@@ -17,6 +17,10 @@ MAX_OVERHEAD_VS_FLOOR = {"zmq": 2.0, "mpi": 2.5}  # overhead / the raw fan-out-f
 MIN_TRANSPORT_RATIO = 0.7
 MIN_STRESS_RATIO = 0.9
 MAX_RSS_GROWTH_PCT = 5.0
+# past capacity (the largest multiple of a capacity sweep, e.g. 2x): served / capacity, and the
+# admitted requests' p99 / the unloaded p99
+MIN_SERVED_PAST_CAPACITY = 0.9
+MAX_ADMITTED_P99_RATIO = 3.0
 
 
 def write_json(path: str | Path, result: dict[str, Any]) -> Path:
@@ -273,6 +277,41 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         out += ["Edges standalone (img/s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["standalone"].items()), ""]
     out += [table(["offered req/s", "achieved req/s", "p50 ms", "p90 ms", "p99 ms", "degraded", "errors", "lost",
                    "duplicates"], rows), ""]
+    return "\n".join(out)
+
+
+def capacity_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    top = max(result["sweep"], key=lambda r: r["multiple"])
+    at = f"at {top['multiple']:g}x capacity"
+    unanswered = top["submitted"] - top["answered"]
+    return [
+        _target(f"served / capacity {at}", f">= {MIN_SERVED_PAST_CAPACITY}", top["served_vs_capacity"],
+                _check(top["served_vs_capacity"], lambda v: v >= MIN_SERVED_PAST_CAPACITY)),
+        _target(f"admitted p99 / unloaded p99 {at}", f"<= {MAX_ADMITTED_P99_RATIO}", top["admitted_p99_vs_unloaded"],
+                _check(top["admitted_p99_vs_unloaded"], lambda v: v <= MAX_ADMITTED_P99_RATIO)),
+        _target(f"requests without a result or an error {at}", "0", unanswered, unanswered == 0),
+        _target("lost requests, every phase", "0", result["summary"]["lost"], result["summary"]["lost"] == 0),
+        _target("duplicate answers, every phase", "0", result["summary"]["duplicates"],
+                result["summary"]["duplicates"] == 0),
+    ]
+
+
+def capacity_markdown(result: dict[str, Any]) -> str:
+    u, cap = result["unloaded"], result["capacity_per_s"]
+    admission = ", ".join(f"{k} {v:g} ms" if v else f"{k} off" for k, v in result["admission"].items())
+    out = [f"## devit-mq stress: {result['topology']}, behaviour past capacity", "",
+           f"Admission control (max_queue_ms per edge): {admission}. Load average "
+           f"{result['machine']['loadavg'][0]:.2f} -> {result['machine']['loadavg_end'][0]:.2f}.", "",
+           f"Unloaded (1 closed-loop client): {u['served_per_s']:.1f} req/s, latency p50 "
+           f"{fmt(u['admitted_latency_ms'].get('p50'))} ms, p99 {fmt(u['admitted_latency_ms'].get('p99'))} ms. "
+           f"Capacity ({result['capacity_clients']} closed-loop clients): {cap:.1f} req/s.", ""]
+    rows = [[fmt(r["multiple"]) + "x", fmt(r["offered_per_s"]), fmt(r["served_per_s"]), fmt(r["served_vs_capacity"], 2),
+             fmt(r["admitted_latency_ms"].get("p50")), fmt(r["admitted_latency_ms"].get("p99")),
+             fmt(r["admitted_p99_vs_unloaded"], 2) + "x", r["overloaded"], r["errors"], r["timeouts"], r["lost"]]
+            for r in result["sweep"]]
+    out += [table(["offered", "offered req/s", "served req/s", "served / capacity", "admitted p50 ms",
+                   "admitted p99 ms", "p99 / unloaded p99", "overloaded", "errors", "timeouts", "lost"], rows), ""]
+    out += ["### Targets", "", table(["target", "goal", "measured", "verdict"], _target_rows(result["targets"])), ""]
     return "\n".join(out)
 
 

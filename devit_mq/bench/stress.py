@@ -484,6 +484,69 @@ def run_rate_sweep(topology_path: str | Path, cfg: StressConfig, rates: Sequence
                         "duplicates": sum(r["summary"]["duplicates"] for r in runs)}}
 
 
+def run_capacity_sweep(topology_path: str | Path, cfg: StressConfig, multiples: Sequence[float],
+                       capacity_clients: int = 2, launch: bool = False, log_dir: Path | None = None) -> dict[str, Any]:
+    """Behaviour past capacity, on one topology (launched once): the unloaded latency (one closed-loop
+    client), the capacity (``capacity_clients`` closed-loop clients: what the system serves when
+    saturated), then open loop at each multiple of that capacity. With admission control on
+    (``max_queue_ms`` on the edges) the overload is answered ``overloaded`` at once, so the admitted
+    requests keep their latency and the edges keep serving at capacity."""
+    from devit_mq.topology import load_topology
+
+    if cfg.kill_edge:
+        raise StressError("--kill-edge applies to one run, not to a capacity sweep")
+    if not multiples or min(multiples) <= 0:
+        raise StressError(f"--capacity-sweep needs multiples > 0 of the capacity, got {list(multiples)}")
+    topology = load_topology(topology_path)
+    launcher = None
+    if launch:
+        launcher = FaultLauncher(topology, edge_faults=cfg.edge_faults, faulty_edges=cfg.faulty_edges, seed=cfg.seed,
+                                 log_dir=log_dir)
+        print(f"launching {topology_path} ...", flush=True)
+        launcher.start()
+    try:
+        def one(**change: Any) -> dict[str, Any]:
+            return run_stress(topology_path, dataclasses.replace(cfg, **change), log_dir=log_dir, launcher=launcher)
+
+        print("== unloaded: 1 closed-loop client ==", flush=True)
+        unloaded = one(clients=1, rate=None)
+        print(f"== capacity: {capacity_clients} closed-loop clients ==", flush=True)
+        saturated = one(clients=capacity_clients, rate=None, standalone=False)
+        capacity = saturated["summary"]["served_per_s"]
+        if not capacity > 0:
+            raise StressError("the saturated run served nothing: no capacity to sweep against "
+                              f"({saturated['summary'].get('error_examples')})")
+        runs = []
+        for m in multiples:
+            print(f"== open loop at {m:g}x capacity ({m * capacity:.1f} req/s) ==", flush=True)
+            runs.append(one(rate=m * capacity, clients=None, standalone=False))
+    finally:
+        if launcher is not None:
+            launcher.stop()
+    unloaded_p99 = unloaded["summary"]["admitted_latency_ms"].get("p99", float("nan"))
+    rows = [_capacity_row(m, r["summary"], capacity, unloaded_p99) for m, r in zip(multiples, runs, strict=True)]
+    everything = [unloaded, saturated, *runs]
+    result = {"kind": "stress-capacity", "topology": str(topology_path), "config": cfg.to_dict(),
+              "admission": {e.name: e.max_queue_ms for e in topology.edges},
+              "machine": {"cpu_count": os.cpu_count(), "loadavg": unloaded["machine"]["loadavg"],
+                          "loadavg_end": runs[-1]["machine"]["loadavg_end"]},
+              "standalone": unloaded.get("standalone"), "capacity_per_s": capacity, "capacity_clients": capacity_clients,
+              "unloaded": unloaded["summary"], "saturated": saturated["summary"], "sweep": rows,
+              "summary": {"lost": sum(r["summary"]["lost"] for r in everything),
+                          "duplicates": sum(r["summary"]["duplicates"] for r in everything)}}
+    result["targets"] = report.capacity_targets(result)
+    return result
+
+
+def _capacity_row(multiple: float, s: dict[str, Any], capacity: float, unloaded_p99: float) -> dict[str, Any]:
+    p99 = s["admitted_latency_ms"].get("p99", float("nan"))
+    return {"multiple": multiple, "offered_per_s": s["offered_per_s"], "served_per_s": s["served_per_s"],
+            "served_vs_capacity": s["served_per_s"] / capacity, "admitted_latency_ms": s["admitted_latency_ms"],
+            "admitted_p99_vs_unloaded": p99 / unloaded_p99 if unloaded_p99 > 0 else float("nan"),
+            **{k: s[k] for k in ("submitted", "answered", "ok", "degraded", "overloaded", "errors", "timeouts", "lost",
+                                 "duplicates")}}
+
+
 def shaped_topology(topology: str | Path, shapes_name: str, work_dir: Path, seed: int = 0) -> tuple[Path, str]:
     """The ZeroMQ variant of ``topology`` on a random-weight bundle of ``shapes_name`` (cached)."""
     from devit_mq.topology import load_topology
@@ -524,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", type=_rates, help="open loop: requests per second; a comma-separated list "
                                                    "runs one after the other (latency vs offered load)")
     load.add_argument("--clients", type=int, help="closed loop: concurrent clients, one request in flight each")
+    load.add_argument("--capacity-sweep", type=_rates, metavar="MULTIPLES",
+                      help="measure the unloaded latency and the capacity (closed loop), then offer open-loop "
+                           "load at these multiples of the capacity, e.g. 0.5,1,2; --duration is per phase")
+    p.add_argument("--capacity-clients", type=int, default=2,
+                   help="closed-loop clients that measure the capacity (default 2: with max_batch 1, one "
+                        "request computing and one queued per edge, so the edges never idle yet nothing "
+                        "waits long enough to be refused)")
     p.add_argument("--duration", type=float, required=True, help="seconds of load")
     p.add_argument("--launch", action="store_true", help="start the topology (else attach to a running one)")
     p.add_argument("--window", type=float, default=5.0, help="seconds per reporting window")
@@ -565,7 +635,9 @@ def main(argv: list[str]) -> int:
     try:
         kill_edge, kill_at = _kill_spec(args.kill_edge)
         cfg = StressConfig(
-            duration=args.duration, rate=args.rate[0] if args.rate else None, clients=args.clients, window_s=args.window,
+            duration=args.duration, rate=args.rate[0] if args.rate else None,
+            clients=1 if args.capacity_sweep else args.clients,  # each phase of a sweep sets its own load
+            window_s=args.window,
             batch_size=args.batch_size, timeout_s=args.timeout, send_timeout_s=args.send_timeout, seed=args.seed,
             connect_timeout_s=args.connect_timeout,
             standalone=not args.no_standalone,
@@ -579,7 +651,10 @@ def main(argv: list[str]) -> int:
             if not args.launch:
                 raise StressError("--shapes needs --launch (the nodes must be started on the built bundle)")
             topology_path, bundle_note = shaped_topology(args.topology, args.shapes, args.work_dir, args.seed)
-        if args.rate and len(args.rate) > 1:
+        if args.capacity_sweep:
+            result = run_capacity_sweep(topology_path, cfg, args.capacity_sweep, args.capacity_clients,
+                                        launch=args.launch, log_dir=args.log_dir)
+        elif args.rate and len(args.rate) > 1:
             result = run_rate_sweep(topology_path, cfg, args.rate, launch=args.launch, log_dir=args.log_dir)
         else:
             result = run_stress(topology_path, cfg, launch=args.launch, log_dir=args.log_dir)
@@ -590,10 +665,11 @@ def main(argv: list[str]) -> int:
         return 2
     result["command"] = "devit-mq stress " + " ".join(argv)
     sweep = result["kind"] == "stress-sweep"
-    print(report.sweep_markdown(result) if sweep else report.stress_markdown(result))
+    markdown = {"stress-sweep": report.sweep_markdown, "stress-capacity": report.capacity_markdown}
+    print(markdown.get(result["kind"], report.stress_markdown)(result))
     if args.json:
         print(f"JSON: {report.write_json(args.json, result)}")
-    if args.plot:
+    if args.plot and result["kind"] != "stress-capacity":
         print(report.try_plot(report.plot_sweep if sweep else report.plot_stress, result, args.plot))
     s = result["summary"]
     return 0 if s["lost"] == 0 and s["duplicates"] == 0 else 1
