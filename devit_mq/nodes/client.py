@@ -24,6 +24,7 @@ from devit_mq.wire import Limits, Message
 
 from .auth import Roster
 from .base import NodeBase
+from .limiter import ConcurrencyLimit
 
 log = logging.getLogger("devit_mq.nodes.client")
 
@@ -134,6 +135,8 @@ class ClientNode(NodeBase):
         # ids are unique per client; a random base keeps restarts from colliding with late answers
         self._ids = itertools.count(secrets.randbits(40) << 16)
         self.outstanding: dict[int, float] = {}  # request id -> send time (perf_counter)
+        self.limit = ConcurrencyLimit()  # adaptive: cut by the system's "overloaded" answers
+        self._epoch_of: dict[int, int] = {}  # request id -> the limit's epoch when it was sent
         self.status: dict = {}
         self._held: list[Answer] = []  # answers received while waiting for something else
         self._skip_until: dict[str, float] = {}  # edge -> time.monotonic() before which it is skipped
@@ -180,11 +183,19 @@ class ClientNode(NodeBase):
             self.hello()
         images = np.ascontiguousarray(images)
         ids = [next(self._ids) for _ in range(len(images))]
+        if not self.limit.admits(len(self.outstanding), len(ids)):
+            # refused here, for every edge at once (see limiter): answered now, never sent
+            self.metrics.count("overloaded_local", len(ids))
+            self._held.extend(Answer(rid, error=f"overloaded: client concurrency limit {self.limit.limit:.1f} "
+                                                "reached (the system answered overloaded recently)", latency_s=0.0)
+                              for rid in ids)
+            return ids
         msg = Message(Kind.IMAGE, self.name, request_ids=tuple(ids), array=images, codec=self.image_codec,
                       reply_to=self.name, timestamps={"client_sent": time.time()})
         now = time.perf_counter()
         for rid in ids:
             self.outstanding[rid] = now
+            self._epoch_of[rid] = self.limit.epoch
         # an edge that just refused a send is skipped for a while (its part is zero-filled by the
         # aggregator's deadline) instead of costing every request a send timeout
         now_s = time.monotonic()
@@ -224,6 +235,8 @@ class ClientNode(NodeBase):
                 if sent is None:
                     self.metrics.count("unexpected_answers")
                     continue
+                self._epoch_of.pop(rid, None)
+                self.limit.on_answer()
                 label = meta.labels[row]
                 stages = to_builtins(meta.stages[row]) if meta.stages else {}
                 if label >= width:  # a label the probabilities cannot have: an error, not an index error later
@@ -238,6 +251,9 @@ class ClientNode(NodeBase):
             for rid in msg.request_ids:
                 sent = self.outstanding.pop(rid, None)
                 if sent is not None:
+                    epoch = self._epoch_of.pop(rid, -1)
+                    if meta.code == "overloaded":
+                        self.limit.on_overloaded(epoch, len(self.outstanding))
                     out.append(Answer(rid, error=text, latency_s=now - sent))
         elif isinstance(meta, Status):
             self.status = to_builtins(meta)
@@ -250,6 +266,7 @@ class ClientNode(NodeBase):
         late = [rid for rid, sent in self.outstanding.items() if now - sent > self.timeout_s]
         for rid in late:
             del self.outstanding[rid]
+            self._epoch_of.pop(rid, None)
         return [Answer(rid, error=f"timeout: no answer within {self.timeout_s:g}s", latency_s=self.timeout_s)
                 for rid in late]
 
