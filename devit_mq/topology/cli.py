@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = bundle_manifest(topology, raw.get("bundle") if isinstance(raw, dict) else None)
             check_against_bundle(topology, manifest)
             if not args.no_checksums:
-                from devit_mq.model.bundle import verify_bundle
+                from devit_mq.model.manifest import verify_bundle
 
                 corrupt = verify_bundle(topology.bundle, manifest)
                 if corrupt:
