@@ -40,6 +40,8 @@ def _endpoint(node: NodeSpec, transport: str) -> str:
 
 def _settings(node: NodeSpec) -> str:
     parts = [f"threads={node.threads}"]
+    if node.role == "edge":
+        parts.append(f"executor={node.executor}")
     if node.role != "client":
         parts += [f"attention={node.attention}", f"max_batch={node.max_batch}", f"max_wait_ms={node.max_wait_ms:g}"]
     if node.role == "aggregator":
