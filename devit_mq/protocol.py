@@ -35,6 +35,8 @@ CODEC_NAMES = ("raw", "fp32", "fp16", "bf16", "int8", "int8-block")
 FEATURE_CODECS = ("fp32", "fp16", "bf16", "int8", "int8-block")  # edge -> aggregator
 IMAGE_CODECS = ("raw",)  # client -> edges
 ATTENTION_BACKENDS = ("torch", "naive", "numba", "cuda", "auto")
+# what runs an edge's sub-model forward: "auto" picks the fastest torch-free one at start-up
+EDGE_EXECUTORS = ("auto", "torch", "numba", "numpy")
 TRANSPORTS = ("zmq", "mpi")
 MISSING_POLICIES = ("degrade", "error")
 ROLES = ("client", "aggregator", "edge")

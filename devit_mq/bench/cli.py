@@ -17,13 +17,15 @@ TARGETS: dict[str, str] = {
     "kernels": "devit_mq.bench.kernels:main",
     "hostile": "devit_mq.bench.hostile:main",
     "floor": "devit_mq.bench.floor:main",
+    "executors": "devit_mq.bench.executors:main",
 }
 RUNTIME = "devit_mq.bench.runtime:main"
 
-USAGE = """usage: devit-mq bench {wire | kernels | hostile | floor | TOPOLOGY.yaml} [ARGS...]
+USAGE = """usage: devit-mq bench {wire | kernels | executors | hostile | floor | TOPOLOGY.yaml} [ARGS...]
 
   wire           bytes and encode/decode time of each wire codec
   kernels        attention backends side by side
+  executors      edge executors (torch, numba, numpy) side by side: latency, RSS, import, ready time
   hostile        hostile-peer attacks against a launched topology: alive, correct, RSS, recovery
   floor          the floor of one request: bare fan-out/fan-in over raw pyzmq and raw mpi4py
   TOPOLOGY.yaml  end-to-end latency and throughput of a running topology

@@ -26,7 +26,7 @@ from devit_mq.protocol import (
     to_builtins,
 )
 
-__all__ = ["Metrics", "percentiles", "rapl_energy_uj", "process_usage"]
+__all__ = ["Metrics", "percentiles", "process_age_s", "process_usage", "rapl_energy_uj"]
 
 _RAPL_ROOT = Path("/sys/class/powercap")
 
@@ -61,6 +61,12 @@ def process_usage(proc: psutil.Process | None = None) -> dict[str, float]:
     proc = proc or psutil.Process(os.getpid())
     cpu = proc.cpu_times()
     return {"cpu_s": cpu.user + cpu.system, "rss_mb": proc.memory_info().rss / 2**20}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the kernel's start time, 10 ms resolution): what an
+    interpreter start plus imports really cost, which timing inside the process cannot see."""
+    return time.time() - psutil.Process(os.getpid()).create_time()
 
 
 class _BoundedCounts(dict):

@@ -209,12 +209,16 @@ class VisionTransformer(nn.Module):
             x = block(x, captured if i == qkv_block else None)
         return self.norm(x), (captured[0] if captured else None)
 
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm CLS (and DIST) tokens ``[B, P, D]``: exactly what an edge sends."""
+        return self.forward_tokens(x)[0][:, : self.num_prefix_tokens]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm CLS (and DIST) tokens ``[B, P, D]``: exactly what an edge sends.
 
         (timm's ``forward_features`` returns every token; ``forward_tokens`` here does that.)
         """
-        return self.forward_tokens(x)[0][:, : self.num_prefix_tokens]
+        return self.forward_prefix(x)
 
     def forward_head(self, prefix: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(prefix[:, 0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import sys
 import time
 
 from devit_mq.logs import RateLimitedLog
@@ -47,8 +48,17 @@ class Sent(enum.Enum):
 
 
 def configure_threads(threads: int) -> None:
-    """Pin torch (and numba) to the topology's thread count: under mpirun torch starts with 1 thread,
-    elsewhere with every core, and edges sharing a host must not fight over cores."""
+    """Pin the compute libraries to the topology's thread count: under mpirun torch starts with 1
+    thread, elsewhere every library takes every core, and edges sharing a host must not fight over
+    cores. Numba reads its count when it starts; torch is set here only if something already
+    imported it (a torch-free node never does: the torch executor calls
+    :func:`configure_torch_threads` itself)."""
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, threads)))
+    if "torch" in sys.modules:
+        configure_torch_threads(threads)
+
+
+def configure_torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
@@ -56,7 +66,6 @@ def configure_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process
         pass
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, threads)))
 
 
 class NodeBase:

@@ -54,7 +54,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from devit_mq.topology import TopologyError
     from devit_mq.transport import TransportError
 
-    return (TopologyError, TransportError, BundleError, FileNotFoundError, PermissionError)
+    from .executor import ExecutorError
+
+    return (TopologyError, TransportError, BundleError, ExecutorError, FileNotFoundError, PermissionError)
 
 
 # -- node ---------------------------------------------------------------------------------------------
@@ -455,7 +457,10 @@ def main_mpi(argv: list[str]) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     _logging(args.verbose)
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # the base install has no MPI
+        return _fail(f"devit-mq mpi needs mpi4py and an MPI library ({exc}): pip install 'devit-mq[mpi]'")
 
     from devit_mq.topology import TopologyError, load_topology
 

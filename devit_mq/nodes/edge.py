@@ -141,7 +141,7 @@ class EdgeNode(NodeBase):
         images = jobs[0].msg.array if len(jobs) == 1 else np.concatenate([j.msg.array for j in jobs], axis=0)
         start = time.perf_counter()
         try:
-            features = self.executor.forward(images)
+            features = self.executor.forward_prefix(images)
         except Exception as exc:  # noqa: BLE001 -- a failed forward answers its requests with an error
             self.metrics.count("compute_errors")
             self.log.log(logging.ERROR, "compute", "%s: forward failed: %s", self.name, exc, exc_info=True)

@@ -224,7 +224,7 @@ class Launcher:
         reports before any node starts (the nodes verify the checksums when they load). Without
         this check, such a node dies at start and :meth:`start` quotes its log."""
         from devit_mq.model import BundleError, load_manifest
-        from devit_mq.model.bundle import part_path
+        from devit_mq.model.manifest import part_path
 
         servers = [self.topology.aggregator, *self.topology.edges]
         try:
@@ -336,7 +336,8 @@ class Launcher:
         for node in self.processes:
             s = node.spec
             rows.append({"node": s.name, "role": s.role, "pid": node.proc.pid, "submodel": s.submodel,
-                         "endpoint": s.connect_endpoint, "threads": s.threads, "attention": s.attention})
+                         "endpoint": s.connect_endpoint, "threads": s.threads,
+                         **({"executor": s.executor} if s.role == "edge" else {}), "attention": s.attention})
         return rows
 
     # -- stop -------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from devit_mq.metrics import process_age_s
 from devit_mq.protocol import ADMIN_KEY, ENV_ADMIN_TOKEN, ENV_INSTANCE
 from devit_mq.topology import Topology, TopologyError, check_against_bundle, load_topology
 from devit_mq.transport import Transport, open_transport
-from devit_mq.wire import Limits, warmup
+from devit_mq.wire import Limits, use_kernels, warmup
 
 from .aggregator import AggregatorNode
 from .auth import Roster
@@ -56,20 +57,15 @@ def pin_cpus(topology: Topology, spec) -> None:
 
 
 def _edge_executor(topology: Topology, spec, manifest):
-    from devit_mq.model import load_submodel
+    """The edge's executor, built and warmed up. Its telemetry says which one ran and what starting
+    it cost: ``import_s`` (process start until its compute libraries were imported) and, set by
+    :func:`build_node`, ``ready_s`` (process start until warmed up, just before the edge says ready)."""
+    from .executor import build_edge_executor
 
-    from .executor import TorchEdgeExecutor
-
-    backend = spec.attention
-    model = load_submodel(topology.bundle, spec.submodel, manifest,
-                          attention_backend="torch" if backend == "auto" else backend)
-    if backend == "auto":
-        from devit_mq.model import select_backend  # calibration compiles kernels: only when asked
-
-        chosen = select_backend(model, batch_size=1)
-        model.set_attention_backend(chosen)
-        log.info("%s: attention backend calibrated: %s", spec.name, chosen)
-    return TorchEdgeExecutor(model, manifest.input, spec.max_batch)
+    executor = build_edge_executor(spec.executor, topology.bundle, spec.submodel, manifest, threads=spec.threads,
+                                   attention=spec.attention, max_batch=spec.max_batch)
+    log.info("%s: executor %s (%s)", spec.name, executor.backend, executor.describe())
+    return executor
 
 
 def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
@@ -80,6 +76,8 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
     spec = topology.node(name)
     pin_cpus(topology, spec)
     configure_threads(spec.threads)
+    if spec.executor == "numpy":
+        use_kernels(False)  # the NumPy codecs: a numpy edge never imports Numba (its RSS is the point)
     warmup()  # load the codec kernels now, not on the first request
     manifest = load_manifest(topology.bundle)
     check_against_bundle(topology, manifest)
@@ -89,7 +87,8 @@ def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:
         node = EdgeNode(name, transport, _edge_executor(topology, spec, manifest), manifest.input.image_shape,
                         spec.submodel, who, codec=topology.codec, max_batch=spec.max_batch,
                         max_wait_ms=spec.max_wait_ms, max_queue_ms=spec.max_queue_ms, limits=limits)
-        node.metrics.info["attention_requested"] = spec.attention
+        node.metrics.info.update(executor_requested=spec.executor, attention_requested=spec.attention,
+                                 ready_s=round(process_age_s(), 2))
         return node
     if spec.role == "aggregator":
         from .executor import NumpyFusionExecutor

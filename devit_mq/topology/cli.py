@@ -40,6 +40,8 @@ def _endpoint(node: NodeSpec, transport: str) -> str:
 
 def _settings(node: NodeSpec) -> str:
     parts = [f"threads={node.threads}"]
+    if node.role == "edge":
+        parts.append(f"executor={node.executor}")
     if node.role != "client":
         parts += [f"attention={node.attention}", f"max_batch={node.max_batch}", f"max_wait_ms={node.max_wait_ms:g}"]
     if node.role == "aggregator":
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = bundle_manifest(topology, raw.get("bundle") if isinstance(raw, dict) else None)
             check_against_bundle(topology, manifest)
             if not args.no_checksums:
-                from devit_mq.model.bundle import verify_bundle
+                from devit_mq.model.manifest import verify_bundle
 
                 corrupt = verify_bundle(topology.bundle, manifest)
                 if corrupt:

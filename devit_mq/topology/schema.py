@@ -15,6 +15,7 @@ A topology is a YAML file (or the equivalent mapping)::
       attention: auto        # torch | naive | numba | cuda | auto (calibrated at start-up)
       max_batch: 8           # dynamic batching: at most this many images per compute batch
       max_wait_ms: 0.0       #   ...waiting at most this long for more (0: take what is queued, never wait)
+      executor: auto         # edges: auto | torch | numba | numpy (auto: the fastest torch-free one here)
     aggregator:
       name: aggregator
       host: 127.0.0.1        # where peers connect
@@ -46,13 +47,17 @@ Keys, by section (everything not marked *required* has the default shown):
 - edges only: ``submodel`` (*required*: the bundle's sub-model index; each of 0..N-1 exactly once),
   ``embed_dim`` (optional: the expected feature width, checked against the bundle), ``max_queue_ms``
   (0 = off: admission control; a request that has waited longer when its batch starts is answered
-  ``overloaded`` at once instead of computed late).
+  ``overloaded`` at once instead of computed late), ``executor`` (``auto``: what runs the
+  sub-model; ``torch``, ``numba`` (NumPy + our Numba kernels), ``numpy`` (NumPy only); ``auto`` times
+  ``numba`` and ``numpy`` at start-up and keeps the faster, or takes ``torch`` when ``attention``
+  names a backend only torch runs: ``torch``, ``naive``, ``cuda``). ``attention`` applies to the torch
+  executor; ``numba`` takes ``auto``/``numba`` there, ``numpy`` only ``auto``.
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
 - aggregator and edges: ``cpus`` (optional, per node: a list of CPU numbers of its host to pin the
   process to, e.g. ``[1]``; checked against the host when the node starts).
 - client: ``threads`` (1).
 - ``defaults`` may hold ``host`` and any of the tunables (``threads``, ``attention``, ``max_batch``,
-  ``max_wait_ms``, ``deadline_ms``, ``missing_policy``, ``max_pending``, ``max_queue_ms``); each applies to the roles
+  ``max_wait_ms``, ``deadline_ms``, ``missing_policy``, ``max_pending``, ``max_queue_ms``, ``executor``); each applies to the roles
   that take it.
 
 Every mistake is reported as a :class:`TopologyError` whose lines start with the key path
@@ -73,6 +78,7 @@ from devit_mq.protocol import (
     ATTENTION_BACKENDS,
     DEFAULT_HWM,
     DEFAULT_MAX_MESSAGE_BYTES,
+    EDGE_EXECUTORS,
     FEATURE_CODECS,
     IMAGE_CODECS,
     MAX_PARTS,
@@ -94,17 +100,20 @@ ADDRESS_KEYS = ("host", "port", "ipc", "bind")
 COMPUTE_KEYS = ("threads", "attention", "max_batch", "max_wait_ms")
 PLACEMENT_KEYS = ("cpus",)  # per node only: which CPUs of its host the process may run on
 AGGREGATOR_KEYS = ("deadline_ms", "missing_policy", "max_pending")
-EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms")
+EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms", "executor")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
     "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *EDGE_KEYS),
     "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *AGGREGATOR_KEYS),
     "client": ("name", "role", "rank", "threads"),
 }
-DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS, "max_queue_ms")
+DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS, "max_queue_ms", "executor")
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "threads": 1, "attention": "auto", "max_batch": 8, "max_wait_ms": 0.0,
     "deadline_ms": 1000.0, "missing_policy": "degrade", "max_pending": 10000, "max_queue_ms": 0.0,
+    "executor": "auto",
 }
+# what each torch-free executor accepts as `attention` (it runs its own; torch runs any)
+EXECUTOR_ATTENTION = {"numba": ("auto", "numba"), "numpy": ("auto",)}
 _ALL_NODE_KEYS = sorted({k for keys in NODE_KEYS.values() for k in keys})
 _LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
@@ -185,6 +194,7 @@ class NodeSpec:
     max_pending: int | None = None
     embed_dim: int | None = None
     max_queue_ms: float | None = None  # edges: admission control (0: off)
+    executor: str | None = None  # edges: what runs the sub-model (auto | torch | numba | numpy)
     cpus: tuple[int, ...] | None = None  # CPU affinity on its host (None: the scheduler decides)
     key_path: str = field(default="", compare=False)  # where it was declared, e.g. "edges[1]"
 
@@ -448,6 +458,7 @@ _TUNABLES: dict[str, tuple[type, dict[str, Any]]] = {
     "missing_policy": (str, {"choices": MISSING_POLICIES}),
     "max_pending": (int, {"minimum": 1}),
     "max_queue_ms": (float, {"minimum": 0}),
+    "executor": (str, {"choices": EDGE_EXECUTORS}),
 }
 
 
@@ -496,6 +507,7 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
     if role == "edge":
         out["submodel"] = ck.value(data, "submodel", path, int, minimum=0)
         out["embed_dim"] = ck.value(data, "embed_dim", path, int, minimum=1)
+        _check_executor_attention(ck, out, path)
     if role == "client":
         return out
     out["port"] = ck.value(data, "port", path, int, minimum=1, maximum=65535)
@@ -517,6 +529,17 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
     elif transport == "zmq" and "port" not in data and "ipc" not in data:
         ck.error(path, "needs an address for ZeroMQ: 'port' (with 'host') or 'ipc'")
     return out
+
+
+def _check_executor_attention(ck: _Checker, edge: dict[str, Any], path: str) -> None:
+    """A torch-free executor runs its own attention: an attention backend it does not run is a
+    contradiction (``cuda`` in particular would silently not be used)."""
+    executor, attention = edge.get("executor"), edge.get("attention")
+    allowed = EXECUTOR_ATTENTION.get(executor or "")
+    if allowed is not None and attention is not None and attention not in allowed:
+        ck.error(_join(path, "attention"), f"{attention!r} does not run in executor {executor!r} (it runs its "
+                 f"own {executor} attention; attention may be {' or '.join(allowed)} there); use "
+                 f"executor 'torch' or 'auto' for attention {attention!r}")
 
 
 def _parse_cpus(ck: _Checker, value: Any, where: str) -> tuple[int, ...] | None:
