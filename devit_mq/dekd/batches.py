@@ -29,6 +29,11 @@ class Batches:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream: each stage's draws then depend on its own seed only, not
+        on which stages ran (or were resumed) before it."""
+        self.generator.manual_seed(seed)
+
     def get(self, idx: torch.Tensor, augment: AugmentConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[idx].float().div_(255.0)
         if augment is not None:

@@ -39,13 +39,17 @@ def fused_predictions(ensemble: DeViTEnsemble, parts: Sequence[torch.Tensor | No
     return ensemble.fusion(concat_features(coded, cfg.in_dims, cfg.num_prefix_tokens)).argmax(-1)
 
 
-def evaluate_ensemble(ensemble: DeViTEnsemble, groups: Sequence[Sequence[int]], test: Batches) -> dict:
-    """Group accuracies, fused accuracy per codec, and accuracy with each single edge missing."""
-    labels = test.labels
-    parts = ensemble_features(ensemble, test)
+def evaluate_ensemble(ensemble: DeViTEnsemble, groups: Sequence[Sequence[int]], split: Batches,
+                      codecs: Sequence[str] = ("fp32", "fp16", "int8"), with_missing: bool = True) -> dict:
+    """On one split (validation or test): fused accuracy per codec and, unless ``with_missing`` is
+    false, the group accuracies and the accuracy with each single edge missing."""
+    labels = split.labels
+    parts = ensemble_features(ensemble, split)
+    fused = {codec: accuracy(fused_predictions(ensemble, parts, codec), labels) for codec in codecs}
+    if not with_missing:
+        return {"fused_accuracy": fused}
     full = fused_predictions(ensemble, parts)
-    fused = {codec: accuracy(fused_predictions(ensemble, parts, codec), labels) for codec in ("fp32", "fp16", "int8")}
-    groups_acc = [accuracy(predict(m, group_data(test, g)), group_data(test, g).labels)
+    groups_acc = [accuracy(predict(m, group_data(split, g)), group_data(split, g).labels)
                   for m, g in zip(ensemble.submodels, groups, strict=True)]
     missing = []
     if len(groups) > 1:

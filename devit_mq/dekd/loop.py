@@ -33,14 +33,43 @@ def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class BestOnValidation:
+    """Keeps a copy of ``modules``' weights at the best validation score seen (ties: the later epoch,
+    which has the lower learning rate)."""
+
+    def __init__(self, modules: list[nn.Module], score: Callable[[], float]) -> None:
+        self.modules, self.score = modules, score
+        self.best, self.best_epoch, self.state = -math.inf, 0, None
+        self.history: list[tuple[int, float]] = []
+
+    def __call__(self, epoch: int) -> None:
+        for m in self.modules:
+            m.eval()
+        value = float(self.score())
+        self.history.append((epoch, value))
+        if value >= self.best:
+            self.best, self.best_epoch = value, epoch
+            self.state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
+
+    def restore(self) -> dict[str, object]:
+        if self.state is not None:
+            for m, state in zip(self.modules, self.state, strict=True):
+                m.load_state_dict(state)
+        return {"best_epoch": self.best_epoch, "val_score": self.best, "val_history": self.history}
+
+
 def fit(
     groups: list[dict], loss_fn: Callable[[torch.Tensor], torch.Tensor], num_samples: int,
     cfg: TrainSection, seed: int, desc: str, modules: Iterable[nn.Module] = (),
+    validate: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Train for ``cfg.epochs`` over ``num_samples`` shuffled indices; returns timing and last loss.
 
-    Each param group may carry ``lr_scale`` (e.g. fine-tuned students under a fresh head)."""
+    Each param group may carry ``lr_scale`` (e.g. fine-tuned students under a fresh head). With
+    ``cfg.val_every`` and a ``validate`` score (higher is better, on the validation split), the
+    weights of the best-scoring epoch are kept."""
     modules = list(modules)
+    keeper = BestOnValidation(modules, validate) if validate is not None and cfg.val_every else None
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -71,6 +100,11 @@ def fit(
                 running += last
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{running / (i + 1):.3f}", lr=f"{lr:.2e}", refresh=False)
+            if keeper is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                keeper(epoch + 1)
     for m in modules:
         m.eval()
-    return {"seconds": time.perf_counter() - start, "epochs": cfg.epochs, "steps": total, "final_loss": last}
+    stats: dict = {"seconds": time.perf_counter() - start, "epochs": cfg.epochs, "steps": total, "final_loss": last}
+    if keeper is not None:
+        stats.update(keeper.restore())
+    return stats

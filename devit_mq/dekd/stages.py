@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,9 +20,13 @@ from .losses import (
     hard_kd,
     orphan_mask,
     qkv_relation_loss,
+    relation_block,
     restrict_logits,
 )
 from .quant import codec_ste
+
+# A validation score of a model (higher is better); stages keep the best epoch's weights by it.
+Score = Callable[[torch.nn.Module], float]
 
 
 def _logits(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +58,7 @@ def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> None:
 
 
 def _supervised(model: VisionTransformer, data: Batches, train: TrainSection, seed: int, desc: str,
-                classes: Sequence[int] | None = None) -> dict[str, float]:
+                classes: Sequence[int] | None = None, score: Score | None = None) -> dict[str, float]:
     """Plain label-smoothed CE training (the teacher; a per-group teacher with ``classes``)."""
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         x, y = data.get(idx, train.augment)
@@ -64,22 +68,28 @@ def _supervised(model: VisionTransformer, data: Batches, train: TrainSection, se
         return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing)
 
     groups = param_groups(model.named_parameters(), train.weight_decay, train.lr)
-    return fit(groups, loss_fn, len(data), train, seed, desc, [model])
+    return fit(groups, loss_fn, len(data), train, seed, desc, [model], _bind(score, model))
 
 
-def train_teacher(cfg: ViTConfig, section: TeacherSection, data: Batches, seed: int) -> tuple[VisionTransformer, dict]:
+def _bind(score: Score | None, model: torch.nn.Module) -> Callable[[], float] | None:
+    return None if score is None else (lambda: score(model))
+
+
+def train_teacher(cfg: ViTConfig, section: TeacherSection, data: Batches, seed: int,
+                  score: Score | None = None) -> tuple[VisionTransformer, dict]:
     torch.manual_seed(seed)
+    data.reseed(seed)
     model = VisionTransformer(cfg)
     if section.checkpoint:
         load_timm_checkpoint(model, section.checkpoint)
     stats = {"epochs": 0, "seconds": 0.0}
     if section.train.epochs:
-        stats = _supervised(model, data, section.train, seed, "teacher")
+        stats = _supervised(model, data, section.train, seed, "teacher", score=score)
     return model.eval(), stats
 
 
-def _middle(model: VisionTransformer, block: int | None) -> int:
-    return len(model.blocks) // 2 if block is None else block
+def _relation_block(model: VisionTransformer, block: int | None) -> int:
+    return relation_block(len(model.blocks)) if block is None else block
 
 
 def group_data(data: Batches, group: Sequence[int]) -> Batches:
@@ -90,23 +100,35 @@ def group_data(data: Batches, group: Sequence[int]) -> Batches:
     return sub
 
 
+def finetune_group_teacher(
+    teacher: VisionTransformer, group: Sequence[int], section: StudentsSection, data: Batches, seed: int,
+    desc: str, score: Score | None = None,
+) -> tuple[VisionTransformer, dict]:
+    """The paper's first stage: a copy of the large model fine-tuned on one class group (its logits
+    restricted to the group), which then teaches that group's sub-model. ``teacher`` is unchanged."""
+    torch.manual_seed(seed)
+    data.reseed(seed)
+    model = copy.deepcopy(teacher)
+    train = dataclasses.replace(section.train, epochs=section.group_teacher_epochs, lr=section.group_teacher_lr,
+                                warmup_epochs=min(section.train.warmup_epochs, section.group_teacher_epochs))
+    stats = _supervised(model, group_data(data, group), train, seed, desc, classes=group, score=score)
+    return model.eval(), stats
+
+
 def distill_student(
     teacher: VisionTransformer, cfg: ViTConfig, group: Sequence[int], section: StudentsSection,
-    data: Batches, seed: int, desc: str, relation_weight: float,
+    data: Batches, seed: int, desc: str, relation_weight: float, score: Score | None = None,
 ) -> tuple[VisionTransformer, dict]:
-    """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + relation KL."""
+    """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + the
+    relation term (published weights, one block at floor(L/2)-1 on each side, / student blocks)."""
     torch.manual_seed(seed)
+    data.reseed(seed)
     sub = group_data(data, group)
-    stats: dict = {}
-    if section.group_teacher_epochs:
-        teacher = copy.deepcopy(teacher)
-        stats["group_teacher"] = _supervised(
-            teacher, sub, dataclasses.replace(section.train, epochs=section.group_teacher_epochs),
-            seed, f"{desc} teacher", classes=group)
     teacher.eval().requires_grad_(False)
     student = VisionTransformer(cfg)
     student.distilled_training = cfg.distilled
-    t_block, s_block = _middle(teacher, section.teacher_relation_block), _middle(student, section.relation_block)
+    t_block = _relation_block(teacher, section.teacher_relation_block)
+    s_block = _relation_block(student, section.relation_block)
     train = section.train
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
@@ -121,11 +143,13 @@ def distill_student(
         loss = loss + section.kd_weight * hard_kd(kd_logits, t_logits)
         if relation_weight:
             loss = loss + relation_weight * qkv_relation_loss(
-                t_qkv, s_qkv, section.relation_weights, teacher.num_prefix_tokens, student.num_prefix_tokens)
+                t_qkv, s_qkv, section.relation_weights, teacher_heads=teacher.config.num_heads,
+                student_heads=cfg.num_heads, student_depth=cfg.depth,
+                teacher_prefix=teacher.num_prefix_tokens, student_prefix=student.num_prefix_tokens)
         return loss
 
     groups = param_groups(student.named_parameters(), train.weight_decay, train.lr)
-    stats.update(fit(groups, loss_fn, len(sub), train, seed, desc, [student]))
+    stats = fit(groups, loss_fn, len(sub), train, seed, desc, [student], _bind(score, student))
     student.distilled_training = False
     return student.eval(), stats
 
@@ -150,11 +174,12 @@ def build_ensemble(students: Sequence[VisionTransformer], teacher_cfg: ViTConfig
 def train_fusion(
     teacher: VisionTransformer, students: Sequence[VisionTransformer], section: FusionSection,
     data: Batches, num_classes: int, seed: int, desc: str = "fusion",
-    groups: Sequence[Sequence[int]] | None = None,
+    groups: Sequence[Sequence[int]] | None = None, score: Score | None = None,
 ) -> tuple[DeViTEnsemble, dict]:
     """Ensemble stage: MSE(mapped token, teacher token) + 0.5 CE + 0.5 hard KD, with feature dropout
     and codec-aware training; students fine-tuned jointly or frozen."""
     torch.manual_seed(seed)
+    data.reseed(seed)
     teacher.eval().requires_grad_(False)
     ensemble = build_ensemble([copy.deepcopy(s) for s in students], teacher.config, num_classes)
     joint = section.finetune == "joint"
@@ -192,5 +217,5 @@ def train_fusion(
         for g in param_groups(ensemble.submodels.named_parameters(), train.weight_decay, train.lr):
             groups.append({**g, "lr_scale": section.student_lr_scale})
     modules = [ensemble] if joint else [ensemble.fusion]
-    stats = fit(groups, loss_fn, len(data), train, seed, desc, modules)
+    stats = fit(groups, loss_fn, len(data), train, seed, desc, modules, _bind(score, ensemble))
     return ensemble.eval(), stats
