@@ -210,11 +210,13 @@ class VisionTransformer(nn.Module):
         return self.norm(x), (captured[0] if captured else None)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-norm CLS (and DIST) tokens ``[B, P, D]``: exactly what an edge sends.
+        """Every final-norm token ``[B, P+N, D]`` (CLS, DIST if any, then the patches), as timm's
+        ``forward_features`` returns them: a timm-style ``forward_features(x)[:, P:]`` gets the patches."""
+        return self.forward_tokens(x)[0]
 
-        (timm's ``forward_features`` returns every token; ``forward_tokens`` here does that.)
-        """
-        return self.forward_tokens(x)[0][:, : self.num_prefix_tokens]
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm CLS (and DIST) tokens ``[B, P, D]``: exactly what an edge sends."""
+        return self.forward_features(x)[:, : self.num_prefix_tokens]
 
     def forward_head(self, prefix: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(prefix[:, 0])
@@ -226,7 +228,7 @@ class VisionTransformer(nn.Module):
         return (logits + logits_dist) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_prefix(x))
 
 
 def count_parameters(model: nn.Module) -> int:

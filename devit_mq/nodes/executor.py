@@ -32,7 +32,7 @@ class FusionExecutor(Protocol):
 
 
 class TorchEdgeExecutor:
-    """The sub-model's ``forward_features`` under torch, in chunks of at most ``max_batch``."""
+    """The sub-model's ``forward_prefix`` under torch, in chunks of at most ``max_batch``."""
 
     backend = "torch"
 
@@ -50,7 +50,7 @@ class TorchEdgeExecutor:
         with torch.inference_mode():
             for lo in range(0, len(images), self.max_batch):
                 x = self.input_spec.to_tensor(images[lo: lo + self.max_batch])
-                out.append(self.model.forward_features(x).float().numpy())
+                out.append(self.model.forward_prefix(x).float().numpy())
         return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
 
     def warm_up(self) -> None:
