@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import AugmentConfig, ImageDataset, augment_batch
+from ..data import AugmentConfig, ImageDataset, affine_theta, apply_affine
 from ..model import InputSpec
 
 
@@ -17,13 +17,16 @@ def input_spec(data: ImageDataset) -> InputSpec:
 
 
 class Batches:
-    """Images ``uint8 [N, C, H, W]`` + labels, indexed by the training loop."""
+    """Images ``uint8 [N, C, H, W]`` + labels, indexed by the training loop. They stay in host memory
+    as uint8; each batch goes to ``device`` and is augmented and normalised there."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: InputSpec, seed: int) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: InputSpec, seed: int,
+                 device: torch.device | str = "cpu") -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels)
-        self.mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(spec.std).view(1, -1, 1, 1)
+        self.device = torch.device(device)
+        self.mean = torch.tensor(spec.mean).view(1, -1, 1, 1).to(self.device)
+        self.std = torch.tensor(spec.std).view(1, -1, 1, 1).to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -34,17 +37,24 @@ class Batches:
         on which stages ran (or were resumed) before it."""
         self.generator.manual_seed(seed)
 
-    def get(self, idx: torch.Tensor, augment: AugmentConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[idx].float().div_(255.0)
-        if augment is not None:
-            x = augment_batch(x, augment, self.generator)
-        return (x - self.mean) / self.std, self.labels[idx]
+    def get(self, idx: torch.Tensor, augment: AugmentConfig | None = None,
+            part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images ``[b, C, H, W]`` and labels ``[b]`` (on ``device``) of ``idx[part]``.
+
+        The augmentation is drawn for all of ``idx`` (a global batch) and cut to ``part`` (this
+        rank's shard), so data-parallel ranks together see exactly what one process would."""
+        theta = None if augment is None else affine_theta(len(idx), augment, self.generator)
+        idx = idx[part]
+        x = self.images[idx].to(self.device).float().div_(255.0)
+        if theta is not None:
+            x = apply_affine(x, theta[part])
+        return (x - self.mean) / self.std, self.labels[idx].to(self.device)
 
     def subset(self, mask: torch.Tensor | np.ndarray) -> Batches:
         out = Batches.__new__(Batches)
         mask = torch.as_tensor(mask)
         out.images, out.labels = self.images[mask], self.labels[mask]
-        out.mean, out.std, out.generator = self.mean, self.std, self.generator
+        out.mean, out.std, out.generator, out.device = self.mean, self.std, self.generator, self.device
         return out
 
     def chunks(self, batch_size: int = 256):

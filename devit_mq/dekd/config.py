@@ -17,6 +17,7 @@ import yaml
 from ..data import AugmentConfig
 from ..model import ConfigError, ViTConfig
 from ..yamlio import DuplicateKeyError, load_strict
+from .distributed import DEVICES
 
 # The feature codecs (devit_mq.protocol.FEATURE_CODECS) that fusion training simulates per batch.
 CODECS = ("fp32", "fp16", "int8")
@@ -73,6 +74,7 @@ class GroupsSection:
 class TeacherSection:
     model: dict[str, Any] = field(default_factory=dict)   # ViTConfig fields; data shape filled in
     checkpoint: str | None = None                           # local timm-format weights (strict keys)
+    reset_head: bool = False    # a checkpoint's classifier of another class count is re-initialised
     train: TrainSection = field(default_factory=TrainSection)
 
 
@@ -168,6 +170,8 @@ class DEKDConfig:
     name: str = "dekd"
     seed: int = 0
     threads: int = 2
+    device: str = "auto"   # auto | cpu | cuda (auto: the GPU when torch sees one)
+    amp: bool = True       # float16 mixed precision on CUDA (never on the CPU)
     data: DataSection = field(default_factory=DataSection)
     groups: GroupsSection = field(default_factory=GroupsSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
@@ -175,6 +179,10 @@ class DEKDConfig:
     fusion: FusionSection = field(default_factory=FusionSection)
     ablation: AblationSection = field(default_factory=AblationSection)
     output: OutputSection = field(default_factory=OutputSection)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,21 +22,22 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
 @torch.no_grad()
 def predict(model: VisionTransformer, data: Batches) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x).argmax(-1) for x, _ in data.chunks()])
+    return torch.cat([model(x).argmax(-1).cpu() for x, _ in data.chunks()])
 
 
 @torch.no_grad()
 def ensemble_features(ensemble: DeViTEnsemble, data: Batches) -> list[torch.Tensor]:
     ensemble.eval()
     per_batch = [ensemble.features(x) for x, _ in data.chunks()]
-    return [torch.cat([b[i] for b in per_batch]) for i in range(ensemble.num_parts)]
+    return [torch.cat([b[i] for b in per_batch]).cpu() for i in range(ensemble.num_parts)]
 
 
 @torch.no_grad()
 def fused_predictions(ensemble: DeViTEnsemble, parts: Sequence[torch.Tensor | None], codec: str = "fp32") -> torch.Tensor:
     cfg = ensemble.fusion.config
     coded = [None if p is None else simulate_codec(p, codec) for p in parts]
-    return ensemble.fusion(concat_features(coded, cfg.in_dims, cfg.num_prefix_tokens)).argmax(-1)
+    device = next(ensemble.fusion.parameters()).device
+    return ensemble.fusion(concat_features(coded, cfg.in_dims, cfg.num_prefix_tokens).to(device)).argmax(-1).cpu()
 
 
 def evaluate_ensemble(ensemble: DeViTEnsemble, groups: Sequence[Sequence[int]], split: Batches,

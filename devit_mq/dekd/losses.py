@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy against the teacher's argmax (DeiT's hard distillation)."""
-    return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+    return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1), reduction=reduction)
 
 
 def restrict_logits(logits: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
@@ -85,26 +85,36 @@ def feature_dropout_mask(batch: int, num_parts: int, p: float, generator: torch.
     return keep
 
 
+def fusion_loss_per_sample(
+    logits: torch.Tensor, mapped: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+    teacher_tokens: torch.Tensor, mse_weight: float = 1.0, ce_weight: float = 0.5, kd_weight: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``[B]``: token MSE + CE + hard KD over all classes, per sample.
+
+    ``mapped`` ``[B, P, D]`` against ``teacher_tokens`` ``[B, P_t, D]`` (final-norm): a plain-ViT
+    teacher's CLS token is the target for every mapped token; a DeiT teacher's CLS and DIST tokens map
+    to the CLS and DIST branches. The token term is the *sum* over the P tokens of each token's MSE
+    (mean over D), as the paper's code adds the CLS and DIST MSEs."""
+    target = teacher_tokens[:, : mapped.shape[1]]
+    if target.shape[1] < mapped.shape[1]:
+        target = target[:, :1].expand(-1, mapped.shape[1], -1)
+    return (
+        mse_weight * (mapped.float() - target.float()).pow(2).mean(-1).sum(1)
+        + ce_weight * F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+        + kd_weight * F.cross_entropy(logits, teacher_logits.argmax(dim=-1), reduction="none")
+    )
+
+
 def fusion_loss(
     logits: torch.Tensor, mapped: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
     teacher_tokens: torch.Tensor, mse_weight: float = 1.0, ce_weight: float = 0.5, kd_weight: float = 0.5,
     label_smoothing: float = 0.0, sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token MSE + CE + hard KD over all classes.
-
-    ``mapped`` ``[B, P, D]`` against ``teacher_tokens`` ``[B, P_t, D]`` (final-norm): a plain-ViT
-    teacher's CLS token is the target for every mapped token; a DeiT teacher's CLS and DIST tokens map
-    to the CLS and DIST branches. The token term is the *sum* over the P tokens of each token's MSE
-    (mean over D), as the paper's code adds the CLS and DIST MSEs. ``sample_weight`` ``[B]`` (0/1)
-    leaves samples out of every term (mean over the kept ones)."""
-    target = teacher_tokens[:, : mapped.shape[1]]
-    if target.shape[1] < mapped.shape[1]:
-        target = target[:, :1].expand(-1, mapped.shape[1], -1)
-    per_sample = (
-        mse_weight * (mapped - target).pow(2).mean(-1).sum(1)
-        + ce_weight * F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
-        + kd_weight * F.cross_entropy(logits, teacher_logits.argmax(dim=-1), reduction="none")
-    )
+    """The fusion objective's batch mean; ``sample_weight`` ``[B]`` (0/1) leaves samples out of every
+    term (mean over the kept ones)."""
+    per_sample = fusion_loss_per_sample(logits, mapped, labels, teacher_logits, teacher_tokens, mse_weight,
+                                        ce_weight, kd_weight, label_smoothing)
     if sample_weight is None:
         return per_sample.mean()
     return (per_sample * sample_weight).sum() / sample_weight.sum().clamp_min(1.0)

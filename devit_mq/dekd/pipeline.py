@@ -21,6 +21,7 @@ from ..model.bundle import STORAGE_DTYPES
 from .batches import Batches, input_spec
 from .checkpoint import StageStore, stage_key
 from .config import DEKDConfig, FusionSection
+from .distributed import Context, session
 from .evaluate import accuracy, evaluate_ensemble, model_cost, predict
 from .report import check_targets, format_report, write_report
 from .select import RULE, choose_variant
@@ -85,22 +86,38 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 class Pipeline:
     """One training run's state: data splits, stage store, teacher(s), and the stage timings."""
 
-    def __init__(self, cfg: DEKDConfig, work: Path, resume: bool) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: DEKDConfig, work: Path, resume: bool, ctx: Context) -> None:
+        self.cfg, self.ctx = cfg, ctx
         self.store = StageStore(work, resume)
         self.seconds: dict[str, float] = {}
         self.data = load_dataset(**dataclasses.asdict(cfg.data))
         self.spec = input_spec(self.data)
         d = self.data
-        self.train = Batches(d.train_images, d.train_labels, self.spec, cfg.seed)
-        self.val = Batches(d.val_images, d.val_labels, self.spec, cfg.seed)
-        self.test = Batches(d.test_images, d.test_labels, self.spec, cfg.seed)
+        self.train = Batches(d.train_images, d.train_labels, self.spec, cfg.seed, ctx.device)
+        self.val = Batches(d.val_images, d.val_labels, self.spec, cfg.seed, ctx.device)
+        self.test = Batches(d.test_images, d.test_labels, self.spec, cfg.seed, ctx.device)
         _check_validation(cfg, len(self.val))
         self.groups = split_classes(d.num_classes, cfg.groups.num_groups, cfg.groups.seed)
         self.t_cfg = cfg.teacher_config(d.image_shape, d.num_classes)
         self.s_cfgs = cfg.student_configs(d.image_shape, self.groups)
-        print(f"data {d.spec['source']}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
-              f"{d.num_classes} classes; groups {self.groups}; work dir {work}")
+        self.say(f"data {d.spec['source']}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+                 f"{d.num_classes} classes; groups {self.groups}; work dir {work}; device {ctx.device}"
+                 + (f", {ctx.world} ranks" if ctx.world > 1 else "") + (", mixed precision" if ctx.amp else ""))
+
+    def say(self, text: str) -> None:
+        if self.ctx.main:
+            print(text, flush=True)
+
+    def _load(self, name: str, key: str, modules: dict[str, torch.nn.Module]) -> dict[str, Any] | None:
+        for m in modules.values():
+            m.to(self.ctx.device)
+        return self.store.load(name, key, modules, verbose=self.ctx.main)
+
+    def _save(self, name: str, key: str, modules: dict[str, torch.nn.Module], stats: dict[str, Any]) -> None:
+        """Rank 0 writes the stage; every rank waits for it (all ranks hold the same weights)."""
+        if self.ctx.main:
+            self.store.save(name, key, modules, stats)
+        self.ctx.barrier()
 
     # -- scores -----------------------------------------------------------------------------------
     def _acc(self, model: torch.nn.Module, split: Batches) -> float | None:
@@ -119,12 +136,13 @@ class Pipeline:
         cfg = self.cfg
         self.t_key = stage_key(self.data.spec, cfg.seed, self.t_cfg.to_dict(), dataclasses.asdict(cfg.teacher))
         teacher = VisionTransformer(self.t_cfg)
-        stats = self.store.load("teacher", self.t_key, {"teacher": teacher})
+        stats = self._load("teacher", self.t_key, {"teacher": teacher})
         if stats is None:
             teacher, stats = train_teacher(self.t_cfg, cfg.teacher, self.train, cfg.seed,
-                                           score=lambda m: accuracy(predict(m, self.val), self.val.labels))
+                                           score=lambda m: accuracy(predict(m, self.val), self.val.labels),
+                                           ctx=self.ctx)
             stats["test_accuracy"] = accuracy(predict(teacher, self.test), self.test.labels)
-            self.store.save("teacher", self.t_key, {"teacher": teacher}, stats)
+            self._save("teacher", self.t_key, {"teacher": teacher}, stats)
         self.seconds["teacher"] = stats["seconds"]
         self.teacher = as_stored(teacher, cfg.output.storage_dtype)  # evaluate what the bundle stores
         self.teacher_stats = stats
@@ -142,12 +160,12 @@ class Pipeline:
             key = stage_key(self.t_key, self.groups, i, section.group_teacher_epochs, section.group_teacher_lr,
                             dataclasses.asdict(section.train))
             model = VisionTransformer(self.t_cfg)
-            st = self.store.load(name, key, {"teacher": model})
+            st = self._load(name, key, {"teacher": model})
             if st is None:
                 model, st = finetune_group_teacher(self.teacher, group, section, self.train, self.cfg.seed + 50 + i,
-                                                   name, self._group_score(group))
+                                                   name, self._group_score(group), self.ctx)
                 st["group_test_accuracy"] = self._restricted_accuracy(model, group, self.test)
-                self.store.save(name, key, {"teacher": model}, st)
+                self._save(name, key, {"teacher": model}, st)
             self.seconds[name] = st["seconds"]
             self.group_teacher_report.append({
                 "group": group, "val_accuracy_on_group": self._restricted_accuracy(model, group, self.val),
@@ -162,7 +180,7 @@ class Pipeline:
         sub = group_data(split, group)
         with torch.no_grad():
             teacher.eval()
-            pred = torch.cat([teacher(x)[:, group].argmax(-1) for x, _ in sub.chunks()])
+            pred = torch.cat([teacher(x)[:, group].argmax(-1).cpu() for x, _ in sub.chunks()])
         return accuracy(pred, sub.labels)
 
     def students_stage(self, teachers: list[VisionTransformer], relation_weight: float, run_seed: int,
@@ -176,15 +194,15 @@ class Pipeline:
             key = stage_key(self.t_key, self.groups, i, s_cfg.to_dict(), dataclasses.asdict(cfg.students),
                             relation_weight, seed, own_teacher)
             student = VisionTransformer(s_cfg)
-            st = self.store.load(name, key, {"student": student})
+            st = self._load(name, key, {"student": student})
             if st is None:
                 student, st = distill_student(teacher, s_cfg, group, cfg.students, self.train, seed, name,
-                                              relation_weight, self._group_score(group))
+                                              relation_weight, self._group_score(group), self.ctx)
                 sub = group_data(self.test, group)
                 st["group_accuracy"] = accuracy(predict(student, sub), sub.labels)
-                self.store.save(name, key, {"student": student}, st)
+                self._save(name, key, {"student": student}, st)
             self.seconds[name] = st["seconds"]
-            print(f"{name}: accuracy on its group {group}: test {100 * st['group_accuracy']:.2f}%")
+            self.say(f"{name}: accuracy on its group {group}: test {100 * st['group_accuracy']:.2f}%")
             models.append(student)
             keys.append(key)
         return models, keys
@@ -195,11 +213,11 @@ class Pipeline:
         key = stage_key(keys, dataclasses.asdict(section), seed)
         ensemble = build_ensemble([VisionTransformer(s.config) for s in students], self.t_cfg,
                                   self.data.num_classes)
-        st = self.store.load(name, key, {"ensemble": ensemble})
+        st = self._load(name, key, {"ensemble": ensemble})
         if st is None:
             ensemble, st = train_fusion(self.teacher, students, section, self.train, self.data.num_classes, seed,
-                                        name, self.groups, self._fused_score)
-            self.store.save(name, key, {"ensemble": ensemble}, st)
+                                        name, self.groups, self._fused_score, self.ctx)
+            self._save(name, key, {"ensemble": ensemble}, st)
         self.seconds[name] = st["seconds"]
         return as_stored(ensemble, self.cfg.output.storage_dtype)
 
@@ -247,13 +265,18 @@ def run(cfg: DEKDConfig, out: str | Path | None = None, work_dir: str | Path | N
     torch.set_num_threads(cfg.threads)
     out = Path(out or cfg.output.bundle)
     work = Path(work_dir or cfg.output.work_dir or out.with_name(out.name + ".work"))
-    p = Pipeline(cfg, work, resume)
-    run_ablation = cfg.ablation.enabled if ablation is None else ablation
+    with session(cfg.device, cfg.amp) as ctx:
+        return _run(Pipeline(cfg, work, resume, ctx), out, stop_after,
+                    cfg.ablation.enabled if ablation is None else ablation)
+
+
+def _run(p: Pipeline, out: Path, stop_after: str | None, run_ablation: bool) -> dict[str, Any] | None:
+    cfg = p.cfg
 
     teacher = p.teacher_stage()
     teacher_acc = accuracy(predict(teacher, p.test), p.test.labels)
     teacher_val = p._acc(teacher, p.val)
-    print(f"teacher accuracy: test {100 * teacher_acc:.2f}%"
+    p.say(f"teacher accuracy: test {100 * teacher_acc:.2f}%"
           + (f", val {100 * teacher_val:.2f}%" if teacher_val is not None else ""))
     if stop_after == "teacher":
         return None
@@ -265,7 +288,6 @@ def run(cfg: DEKDConfig, out: str | Path | None = None, work_dir: str | Path | N
     ensemble, result = ensembles[chosen], results[chosen]
     report = _report(p, teacher_acc, teacher_val, ensemble, result, candidates, results, chosen)
     _write(out, p, ensemble, report)
-    print(format_report(report))
     if stop_after == "fusion" or not run_ablation:
         return report
 
@@ -289,7 +311,6 @@ def run(cfg: DEKDConfig, out: str | Path | None = None, work_dir: str | Path | N
             "shared_teacher": p.relation_run(shared, cfg.students.relation_weight, 0, section, "shared_teacher_")}
     report["stage_seconds"] = p.seconds
     _write(out, p, ensemble, report)
-    print(format_report(report))
     return report
 
 
@@ -335,6 +356,9 @@ def _report(p: Pipeline, teacher_acc: float, teacher_val: float | None, ensemble
 
 
 def _write(out: Path, p: Pipeline, ensemble: DeViTEnsemble, report: dict[str, Any]) -> None:
+    """Bundle + report (rank 0), then the report printed."""
+    if not p.ctx.main:
+        return
     cfg, d = p.cfg, p.data
     splits = {"train": len(p.train), "val": len(p.val), "test": len(p.test),
               "val_from": "training data (stratified, seeded by data.seed + 2)"}
@@ -348,3 +372,4 @@ def _write(out: Path, p: Pipeline, ensemble: DeViTEnsemble, report: dict[str, An
     save_bundle(out, manifest, ensemble, p.teacher if cfg.output.ship_teacher else None)
     write_report(report, out)
     print(f"bundle written to {out}")
+    print(format_report(report), flush=True)
