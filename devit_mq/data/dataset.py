@@ -94,7 +94,9 @@ def load_dataset(
     default), ``digits`` (scikit-learn's 8x8 digits), ``imagefolder:PATH`` (``train/<class>/*``, with
     ``val/<class>/*`` as the test split if present), ``cifar10:PATH`` / ``cifar100:PATH`` (CIFAR binary
     files; the official test split). ``root`` is an alternative way to give PATH. ``image_size``
-    resizes ImageFolder images; ``max_train``/``max_test`` keep a stratified subset. ``val_size`` > 0
+    applies the standard evaluation transform to ImageFolder images (shorter side to size/0.875,
+    bicubic, centre crop: 256 -> 224) and resizes CIFAR images (bicubic, e.g. 32 -> 224 for a
+    224x224 teacher checkpoint); ``max_train``/``max_test`` keep a stratified subset. ``val_size`` > 0
     carves a stratified validation split (seeded by ``seed + 2``) out of the training images that
     remain, so validation never overlaps test and training never sees validation.
     """
@@ -113,6 +115,8 @@ def load_dataset(
         split, classes = sources.read_imagefolder(_need_path(kind, path), image_size, test_size, seed)
     elif kind in ("cifar10", "cifar100"):
         split, classes = sources.read_cifar(_need_path(kind, path), fine=kind == "cifar100")
+        if image_size is not None:
+            split = tuple(sources.resize_all(a, image_size) if a.ndim == 4 else a for a in split)
     else:
         raise DataError(f"unknown data source {source!r}; use mnist5k, digits, imagefolder:PATH, "
                         "cifar10:PATH or cifar100:PATH")

@@ -5,14 +5,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import AugmentConfig, ImageDataset, affine_theta, apply_affine
+from ..data import AugmentConfig, DataError, ImageDataset, affine_theta, apply_affine
 from ..model import InputSpec
 
+# the constants pretrained checkpoints expect (timm: IMAGENET_DEFAULT_*, IMAGENET_INCEPTION_*)
+NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                  "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
-def input_spec(data: ImageDataset) -> InputSpec:
-    """Per-channel mean/std of the training images (recorded in the manifest; edges apply it)."""
-    x = data.train_images.reshape(-1, data.train_images.shape[-1]).astype(np.float64) / 255.0
+
+def input_spec(data: ImageDataset, normalize: str = "dataset") -> InputSpec:
+    """Per-channel mean/std (recorded in the manifest; edges apply it): the training images' own, or
+    the named constants a pretrained checkpoint was trained with."""
     h, _, c = data.image_shape
+    if normalize != "dataset":
+        mean, std = NORMALIZATIONS[normalize]
+        if c != 3:
+            raise DataError(f"data.normalize: {normalize} is for RGB images; the data has {c} channel(s)")
+        return InputSpec(h, c, mean, std)
+    x = data.train_images.reshape(-1, data.train_images.shape[-1]).astype(np.float64) / 255.0
     return InputSpec(h, c, tuple(x.mean(0)), tuple(np.maximum(x.std(0), 1e-6)))
 
 

@@ -16,12 +16,14 @@ import yaml
 
 from ..data import AugmentConfig
 from ..model import ConfigError, ViTConfig
+from ..model.config import PRESETS
 from ..yamlio import DuplicateKeyError, load_strict
 from .distributed import DEVICES
 
 # The feature codecs (devit_mq.protocol.FEATURE_CODECS) that fusion training simulates per batch.
 CODECS = ("fp32", "fp16", "int8")
 FINETUNE_MODES = ("joint", "frozen")
+NORMALIZE = ("dataset", "imagenet", "inception")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,17 @@ class DataSection:
     max_train: int | None = None
     max_test: int | None = None
     val_size: int | float = 0   # validation images carved (stratified, seeded) from the training data
+    # input normalisation: the training images' own mean/std, or the constants a checkpoint was
+    # trained with (imagenet: timm's DeiT/ViT-augreg-in1k mean/std; inception: 0.5/0.5)
+    normalize: str = "dataset"
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"data.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+
+    def loader_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_dataset`` (everything but the normalisation)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "normalize"}
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,17 @@ def _model_config(data: dict[str, Any], image_shape: tuple[int, int, int], num_c
     clash = {k: data[k] for k in fixed if k in data and data[k] != fixed[k]}
     if clash:
         raise ConfigError(f"{where}: {clash} contradicts the data ({fixed})")
+    data = dict(data)
+    if "preset" in data:  # a timm shape by name, e.g. deit_base_distilled_patch16_224, then overrides
+        name = data.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown {name!r}; known: {sorted(PRESETS)}")
+        base = PRESETS[name].to_dict()
+        clash = {k: base[k] for k in ("img_size", "in_chans") if base[k] != fixed[k]}
+        if clash:
+            raise ConfigError(f"{where}.preset {name} expects {clash}; the data gives {fixed} "
+                              "(set data.image_size, or use RGB images)")
+        data = {**base, **data}
     return ViTConfig.from_dict({**data, **fixed}, where)
 
 

@@ -90,8 +90,8 @@ class Pipeline:
         self.cfg, self.ctx = cfg, ctx
         self.store = StageStore(work, resume)
         self.seconds: dict[str, float] = {}
-        self.data = load_dataset(**dataclasses.asdict(cfg.data))
-        self.spec = input_spec(self.data)
+        self.data = load_dataset(**cfg.data.loader_args())
+        self.spec = input_spec(self.data, cfg.data.normalize)
         d = self.data
         self.train = Batches(d.train_images, d.train_labels, self.spec, cfg.seed, ctx.device)
         self.val = Batches(d.val_images, d.val_labels, self.spec, cfg.seed, ctx.device)
@@ -134,7 +134,8 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------------
     def teacher_stage(self) -> VisionTransformer:
         cfg = self.cfg
-        self.t_key = stage_key(self.data.spec, cfg.seed, self.t_cfg.to_dict(), dataclasses.asdict(cfg.teacher))
+        self.t_key = stage_key(self.data.spec, self.spec.to_dict(), cfg.seed, self.t_cfg.to_dict(),
+                               dataclasses.asdict(cfg.teacher))
         teacher = VisionTransformer(self.t_cfg)
         stats = self._load("teacher", self.t_key, {"teacher": teacher})
         if stats is None:
