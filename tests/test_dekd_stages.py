@@ -97,3 +97,21 @@ def test_deit_student_distills(data):
     cfg = T_CFG.replace(embed_dim=8, num_classes=2, distilled=True)
     student, _ = distill_student(teacher, cfg, [1, 3], StudentsSection(train=TRAIN), data, 0, "s", 1.0)
     assert student.distilled_training is False and student(torch.zeros(2, 1, 8, 8)).shape == (2, 2)
+
+
+def test_shards_of_a_global_batch_are_what_one_process_sees(data):
+    """Each rank augments its shard with the global batch's draws: the shards put together are the
+    single-process batch, image for image."""
+    from devit_mq.dekd.distributed import Context
+
+    idx = torch.tensor([5, 0, 9, 3, 14, 7, 1])
+    augment = AugmentConfig(shift=2, rotate=10, scale=0.1)
+    data.reseed(3)
+    whole, labels = data.get(idx, augment)
+    parts = []
+    for rank in range(2):
+        data.reseed(3)
+        parts.append(data.get(idx, augment, Context(rank=rank, world=2).shard(len(idx))))
+    assert [len(p[1]) for p in parts] == [3, 4]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole)
+    assert torch.equal(torch.cat([p[1] for p in parts]), labels)

@@ -37,8 +37,6 @@ from .stages import (
 
 M = TypeVar("M", bound=torch.nn.Module)
 
-STAGES = ("teacher", "students", "fusion", "ablation")
-
 
 def quick_config(cfg: DEKDConfig) -> DEKDConfig:
     """A smoke-test version of ``cfg``: one epoch per stage on a small stratified subset."""
