@@ -168,3 +168,9 @@ def test_shipped_configs_validate():
         assert len(subs) == cfg.groups.num_groups
         if path.stem == "default":  # the target setting: N=2, each sub-model <= 1/3 of the teacher's FLOPs
             assert len(subs) == 2 and all(vit_flops(s) <= vit_flops(teacher) / 3 for s in subs)
+            assert cfg.data.val_size and cfg.students.group_teacher_epochs and len(cfg.ablation.seeds) == 3
+    # `make bundles` reuses the default teacher stage for n4 and hetero: what keys it must be equal
+    default = load_config(ROOT / "configs" / "default.yaml")
+    for name in ("n4", "hetero"):
+        other = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert (other.data, other.seed, other.teacher) == (default.data, default.seed, default.teacher), name
