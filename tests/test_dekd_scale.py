@@ -52,6 +52,17 @@ def test_imagefolder_with_the_eval_transform(tmp_path):
     assert d.train_images.shape == (12, 224, 224, 3) and d.val_images.shape == (3, 224, 224, 3)
     assert d.test_images.shape == (6, 224, 224, 3)
     assert np.bincount(d.val_labels).tolist() == [1, 1, 1]
+    # streamed: paths kept, decoded per batch; decoding gives what the transform gives one file
+    from PIL import Image
+
+    from devit_mq.data.lazy import LazyImages
+
+    assert isinstance(d.train_images, LazyImages)
+    first = d.test_images[0]
+    with Image.open(first.paths[0]) as img:
+        want = np.asarray(eval_transform(img.convert("RGB"), 224))
+    np.testing.assert_array_equal(np.asarray(first)[0], want)
+    assert d.train_images[np.array([True] * 6 + [False] * 6)].shape == (6, 224, 224, 3)
 
 
 def _config(tmp_path: Path, checkpoint: Path, data: Path) -> Path:

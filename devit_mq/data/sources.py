@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import DataError, stratified_split
+from .lazy import LazyImages
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 # The standard ImageNet evaluation transform (timm's DeiT default): the shorter side resized to
@@ -73,7 +74,8 @@ def eval_transform(img, size: int):
 
 
 def _read_folder(folder: Path, classes: list[str] | None, image_size: int | None,
-                 mode: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                 mode: str | None) -> tuple[np.ndarray | LazyImages, np.ndarray, list[str]]:
+    """A folder's images and labels: decoded now without ``image_size``, else kept as paths."""
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     classes = classes or found
     if not classes:
@@ -81,17 +83,24 @@ def _read_folder(folder: Path, classes: list[str] | None, image_size: int | None
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"ImageFolder {folder}: class folders {unknown} are not in the training classes")
-    images, labels = [], []
+    paths, labels = [], []
     for label, name in enumerate(classes):
         sub = folder / name
         if not sub.is_dir():
             continue
         for path in sorted(sub.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_decode(path, image_size, mode))
+                paths.append(path)
                 labels.append(label)
-    if not images:
+    if not paths:
         raise DataError(f"ImageFolder {folder}: no {'/'.join(IMAGE_SUFFIXES)} files under the class folders")
+    if image_size is not None:
+        # a fixed-size transform: keep paths, decode per batch (a folder of any size fits)
+        first = _decode(paths[0], image_size, mode)
+        mode = mode or ("L" if first.shape[-1] == 1 else "RGB")
+        return (LazyImages(paths, lambda p: _decode(p, image_size, mode), first.shape),
+                np.asarray(labels, dtype=np.int64), classes)
+    images = [_decode(p, image_size, mode) for p in paths]
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
         raise DataError(f"ImageFolder {folder}: images have different shapes {sorted(shapes)[:4]}; "

@@ -6,7 +6,10 @@ import numpy as np
 import torch
 
 from ..data import AugmentConfig, DataError, ImageDataset, affine_theta, apply_affine
+from ..data.lazy import LazyImages
 from ..model import InputSpec
+
+STATS_SAMPLE = 2000  # images whose pixels give a streamed folder's mean/std
 
 # the constants pretrained checkpoints expect (timm: IMAGENET_DEFAULT_*, IMAGENET_INCEPTION_*)
 NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -22,7 +25,10 @@ def input_spec(data: ImageDataset, normalize: str = "dataset") -> InputSpec:
         if c != 3:
             raise DataError(f"data.normalize: {normalize} is for RGB images; the data has {c} channel(s)")
         return InputSpec(h, c, mean, std)
-    x = data.train_images.reshape(-1, data.train_images.shape[-1]).astype(np.float64) / 255.0
+    images = data.train_images
+    if isinstance(images, LazyImages):  # a streamed folder: the statistics of an even sample
+        images = images[np.linspace(0, len(images) - 1, min(len(images), STATS_SAMPLE)).astype(int)].decode()
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return InputSpec(h, c, tuple(x.mean(0)), tuple(np.maximum(x.std(0), 1e-6)))
 
 
@@ -32,7 +38,9 @@ class Batches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, spec: InputSpec, seed: int,
                  device: torch.device | str = "cpu") -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        # a streamed folder stays paths (decoded per batch); arrays become uint8 [N, C, H, W] tensors
+        self.images = images if isinstance(images, LazyImages) else \
+            torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels)
         self.device = torch.device(device)
         self.mean = torch.tensor(spec.mean).view(1, -1, 1, 1).to(self.device)
@@ -55,15 +63,22 @@ class Batches:
         rank's shard), so data-parallel ranks together see exactly what one process would."""
         theta = None if augment is None else affine_theta(len(idx), augment, self.generator)
         idx = idx[part]
-        x = self.images[idx].to(self.device).float().div_(255.0)
+        x = self._pixels(idx).to(self.device).float().div_(255.0)
         if theta is not None:
             x = apply_affine(x, theta[part])
         return (x - self.mean) / self.std, self.labels[idx].to(self.device)
 
+    def _pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[b, C, H, W]`` of ``idx`` (decoded here for a streamed folder)."""
+        if isinstance(self.images, LazyImages):
+            return torch.from_numpy(self.images[idx.numpy()].decode()).permute(0, 3, 1, 2)
+        return self.images[idx]
+
     def subset(self, mask: torch.Tensor | np.ndarray) -> Batches:
         out = Batches.__new__(Batches)
         mask = torch.as_tensor(mask)
-        out.images, out.labels = self.images[mask], self.labels[mask]
+        out.images = self.images[mask.numpy()] if isinstance(self.images, LazyImages) else self.images[mask]
+        out.labels = self.labels[mask]
         out.mean, out.std, out.generator, out.device = self.mean, self.std, self.generator, self.device
         return out
 
