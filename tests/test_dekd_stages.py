@@ -62,7 +62,11 @@ def test_group_teacher_finetune_copies_the_teacher(data):
     teacher = VisionTransformer(T_CFG).eval()
     ref = {k: v.clone() for k, v in teacher.state_dict().items()}
     section = StudentsSection(group_teacher_epochs=1, train=TRAIN)
+    teacher.requires_grad_(False)  # as a distillation stage leaves the shared teacher
     group_teacher, stats = finetune_group_teacher(teacher, [0, 2], section, data, seed=0, desc="t")
+    assert all(p.requires_grad for p in group_teacher.parameters())  # T_CFG has learned positions
+    fixed = VisionTransformer(T_CFG.replace(pos_embed="sincos")).requires_grad_(False).unfreeze()
+    assert not fixed.pos_embed.requires_grad and fixed.cls_token.requires_grad
     assert stats["steps"] == 1  # 8 samples of classes 0 and 2, batch 8
     assert all(torch.equal(v, ref[k]) for k, v in teacher.state_dict().items())  # the shared teacher is untouched
     assert any(not torch.equal(v, ref[k]) for k, v in group_teacher.state_dict().items() if k != "pos_embed")

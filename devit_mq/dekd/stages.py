@@ -142,7 +142,7 @@ def finetune_group_teacher(
     model = copy.deepcopy(teacher)
     train = dataclasses.replace(section.train, epochs=section.group_teacher_epochs, lr=section.group_teacher_lr,
                                 warmup_epochs=min(section.train.warmup_epochs, section.group_teacher_epochs))
-    model.requires_grad_(True)  # the shared teacher may have been frozen by a previous stage
+    model.unfreeze()  # the shared teacher may have been frozen by a previous stage
     stats = _supervised(model, group_data(data, group), train, seed, desc, classes=group, score=score, ctx=ctx)
     return model.eval(), stats
 

@@ -185,6 +185,14 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             block.attn.backend = resolved
 
+    def unfreeze(self) -> VisionTransformer:
+        """Make every parameter trainable again except the fixed sin-cos positions (after a stage
+        froze the model to use it as a teacher)."""
+        self.requires_grad_(True)
+        if self.config.pos_embed == "sincos":
+            self.pos_embed.requires_grad_(False)
+        return self
+
     @property
     def attention_backend(self) -> str:
         return self.blocks[0].attn.backend
