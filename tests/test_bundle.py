@@ -75,7 +75,7 @@ def test_partial_load_reads_only_its_own_file(tmp_path):
     sub1 = load_submodel(path, 1)  # an edge needs nothing but its own part
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(sub1.forward_features(x), ens.submodels[1].forward_features(x))
+        torch.testing.assert_close(sub1.forward_prefix(x), ens.submodels[1].forward_prefix(x))
     (path / "fusion.bak").rename(path / "fusion.safetensors")
     assert load_fusion(path).config.in_dims == (32, 48)  # the aggregator only needs the fusion head
     with pytest.raises(BundleError, match="submodel_0.*missing"):

@@ -155,3 +155,17 @@ def test_augment_identity_and_shift():
     moved = augment_batch(x, AugmentConfig(shift=2, rotate=0, scale=0), torch.Generator().manual_seed(0))
     assert moved.shape == x.shape and not torch.allclose(moved, x)
     assert abs(moved.sum().item() - 2.0) < 1e-4  # a sub-pixel shift keeps the mass inside the image
+
+
+def test_validation_split_is_carved_from_training_data(mnist):
+    d = load_dataset("mnist5k", val_size=500)
+    assert (len(d.train_labels), len(d.val_labels), len(d.test_labels)) == (3500, 500, 1000)
+    assert np.bincount(d.val_labels).tolist() == [50] * 10  # stratified
+    np.testing.assert_array_equal(d.test_images, mnist.test_images)  # the test split is unchanged
+    rows = lambda a: {r.tobytes() for r in a.reshape(len(a), -1)}  # noqa: E731
+    assert rows(d.val_images) | rows(d.train_images) == rows(mnist.train_images)
+    assert len(rows(d.val_images) & rows(d.train_images)) < 5  # MNIST has a few duplicate digits
+    again = load_dataset(**d.spec)  # rebuilt exactly from the recorded spec
+    np.testing.assert_array_equal(again.val_images, d.val_images)
+    with pytest.raises(DataError, match="data.val_size"):
+        load_dataset("mnist5k", val_size=4000)

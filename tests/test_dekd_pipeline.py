@@ -15,8 +15,9 @@ from devit_mq.model import InputSpec, load_ensemble, load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-REPORT_KEYS = {"name", "dataset", "num_train", "num_test", "class_groups", "teacher", "submodels", "fusion_params",
-               "fused_accuracy", "missing_edge", "settings", "ablation_no_relation", "stage_seconds", "targets"}
+REPORT_KEYS = {"name", "dataset", "num_train", "num_val", "num_test", "class_groups", "teacher", "group_teachers",
+               "submodels", "fusion_params", "fused_accuracy", "missing_edge", "validation", "fusion_selection",
+               "settings", "relation_ablation", "stage_seconds", "targets"}
 
 
 def _train(tmp_path: Path, *extra: str, config: Path = TINY) -> tuple[int, Path]:
@@ -40,7 +41,8 @@ def test_tiny_run_writes_a_loadable_bundle(tiny_run):
     assert sorted(c for g in manifest.class_groups for c in g) == list(range(10))
     assert manifest.metadata["report"] == "report.json"
     assert manifest.metadata["config"]["name"] == "tiny"
-    assert set(manifest.metadata["stage_seconds"]) >= {"teacher", "student_0", "student_1", "fusion"}
+    assert set(manifest.metadata["stage_seconds"]) >= {"teacher", "student_0", "student_1", "fusion_v0", "fusion_v1"}
+    assert manifest.metadata["splits"]["val"] == 40 and manifest.metadata["dataset"]["val_size"] == 40
     teacher = load_teacher(out, manifest)
     data = load_dataset(**manifest.metadata["dataset"])  # the runtime rebuilds the exact test split
     assert len(data.test_labels) == 60
@@ -67,8 +69,15 @@ def test_report_has_every_field(tiny_run):
     for m in report["missing_edge"]:
         assert {"accuracy", "remaining_classes_accuracy", "full_model_remaining_classes_accuracy",
                 "missing_classes_accuracy"} <= set(m)
-    ab = report["ablation_no_relation"]
-    assert set(ab["fused_accuracy"]) == {"fp32", "fp16", "int8"} and len(ab["submodel_group_accuracy"]) == 2
+    assert report["num_val"] == 40 and report["teacher"]["val_accuracy"] is not None
+    assert set(report["validation"]["fused_accuracy"]) == {"fp32", "fp16", "int8"}
+    ab = report["relation_ablation"]
+    assert ab["seeds"] == [0]
+    for side in ("with_relation", "without_relation"):
+        assert {"val", "test", "runs"} <= set(ab[side]) and len(ab[side]["runs"]) == 1
+        assert len(ab[side]["test"]["submodel_group_accuracy"]) == 2
+    # seed 0 with the relation loss is the shipped run itself
+    assert ab["with_relation"]["runs"][0]["test"]["fused_accuracy"] == report["fused_accuracy"]
     assert {"ablation_student_0", "ablation_fusion"} <= set(report["stage_seconds"])
     assert len(report["targets"]) == 4 and all("met" in t for t in report["targets"].values())
     for value in report["fused_accuracy"].values():
@@ -79,26 +88,26 @@ def test_report_has_every_field(tiny_run):
 def test_resume_reuses_finished_stages(tiny_run, tmp_path, capsys):
     tmp, out = tiny_run
     work = out.with_name(out.name + ".work")
-    assert (work / "teacher.safetensors").is_file() and (work / "fusion.json").is_file()
+    assert (work / "teacher.safetensors").is_file() and (work / "fusion_v0.json").is_file()
     shutil.copytree(work, tmp_path / "bundle.work")
     capsys.readouterr()
     code, out2 = _train(tmp_path, "--resume", "--no-ablation", "--threads", "1")
     assert code == 0
     log = capsys.readouterr().out
-    assert "stage teacher: loaded" in log and "stage fusion: loaded" in log
+    assert "stage teacher: loaded" in log and "stage fusion_v1: loaded" in log
     a, _ = load_ensemble(out)
     b, _ = load_ensemble(out2)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
     # a changed fusion setting retrains only the fusion stage
     cfg = yaml.safe_load(TINY.read_text())
-    cfg["fusion"]["feature_dropout"] = 0.5
+    cfg["fusion"]["student_lr_scale"] = 0.5  # not set by a variant: every candidate changes
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     capsys.readouterr()
     code, _ = _train(tmp_path, "--resume", "--no-ablation", config=changed)
     log = capsys.readouterr().out
-    assert code == 0 and "stage student_1: loaded" in log and "stage fusion: configuration changed" in log
+    assert code == 0 and "stage student_1: loaded" in log and "stage fusion_v0: configuration changed" in log
 
 
 @pytest.mark.timeout(120)
@@ -159,3 +168,9 @@ def test_shipped_configs_validate():
         assert len(subs) == cfg.groups.num_groups
         if path.stem == "default":  # the target setting: N=2, each sub-model <= 1/3 of the teacher's FLOPs
             assert len(subs) == 2 and all(vit_flops(s) <= vit_flops(teacher) / 3 for s in subs)
+            assert cfg.data.val_size and cfg.students.group_teacher_epochs and len(cfg.ablation.seeds) == 3
+    # `make bundles` reuses the default teacher stage for n4 and hetero: what keys it must be equal
+    default = load_config(ROOT / "configs" / "default.yaml")
+    for name in ("n4", "hetero"):
+        other = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert (other.data, other.seed, other.teacher) == (default.data, default.seed, default.teacher), name

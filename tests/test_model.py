@@ -60,7 +60,7 @@ def test_shapes_and_features(distilled):
     cfg = SMALL.replace(distilled=distilled)
     model = VisionTransformer(cfg).eval()
     x = torch.randn(4, 3, 32, 32)
-    feats = model.forward_features(x)
+    feats = model.forward_prefix(x)
     assert feats.shape == (4, cfg.num_prefix_tokens, 48)
     logits = model(x)
     assert logits.shape == (4, 5)
@@ -68,6 +68,9 @@ def test_shapes_and_features(distilled):
     assert tokens.shape == (4, 16 + cfg.num_prefix_tokens, 48)
     assert qkv.shape == (4, 16 + cfg.num_prefix_tokens, 144)
     torch.testing.assert_close(tokens[:, : cfg.num_prefix_tokens], feats)
+    # timm's contract: forward_features is every final-norm token, the patches after the prefix
+    torch.testing.assert_close(model.forward_features(x), tokens)
+    assert model.forward_features(x)[:, cfg.num_prefix_tokens:].shape == (4, 16, 48)
 
 
 def test_distilled_training_mode_returns_both_heads():
@@ -77,8 +80,8 @@ def test_distilled_training_mode_returns_both_heads():
     model.distilled_training = True
     cls_logits, dist_logits = model(x)
     model.eval()
-    torch.testing.assert_close(model(x), (model.head(model.forward_features(x)[:, 0]) +
-                                          model.head_dist(model.forward_features(x)[:, 1])) / 2)
+    torch.testing.assert_close(model(x), (model.head(model.forward_prefix(x)[:, 0]) +
+                                          model.head_dist(model.forward_prefix(x)[:, 1])) / 2)
     assert cls_logits.shape == dist_logits.shape == (2, 5)
 
 
@@ -131,10 +134,10 @@ def test_ensemble_equals_fusion_of_concatenated_features(prefix):
     ens = DeViTEnsemble(subs, fusion).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = fusion(torch.cat([m.forward_features(x) for m in subs], dim=-1))
+        expected = fusion(torch.cat([m.forward_prefix(x) for m in subs], dim=-1))
         torch.testing.assert_close(ens(x), expected, rtol=0, atol=0)
         # a missing edge is zero-filled
-        parts = [subs[0].forward_features(x), torch.zeros(3, prefix, 96)]
+        parts = [subs[0].forward_prefix(x), torch.zeros(3, prefix, 96)]
         torch.testing.assert_close(ens(x, missing=[1]), fusion(torch.cat(parts, -1)), rtol=0, atol=0)
 
 

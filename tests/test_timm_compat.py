@@ -28,9 +28,14 @@ def test_timm_state_dict_loads_strictly_and_gives_same_logits(name):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
-        # forward_features = timm's final-norm prefix tokens
-        prefix = reference.forward_features(x)[:, : ours.num_prefix_tokens]
-        torch.testing.assert_close(ours.forward_features(x), prefix, rtol=1e-5, atol=1e-5)
+        # forward_features: every final-norm token, as timm returns them (a timm-style caller's
+        # forward_features(x)[:, P:] gets the patch tokens); forward_prefix: the ones an edge sends
+        tokens = reference.forward_features(x)
+        assert tokens.shape == (2, 197 + ours.num_prefix_tokens - 1, ours.config.embed_dim)
+        torch.testing.assert_close(ours.forward_features(x), tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.forward_prefix(x), tokens[:, : ours.num_prefix_tokens], rtol=1e-5, atol=1e-5)
+        patches = ours.forward_features(x)[:, ours.num_prefix_tokens:]
+        assert patches.shape == (2, 196, ours.config.embed_dim)
 
 
 def test_our_state_dict_loads_into_timm():

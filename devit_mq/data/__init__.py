@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 from .dataset import DataError, ImageDataset, load_dataset, stratified_split
 
 if TYPE_CHECKING:
-    from .augment import AugmentConfig, augment_batch
+    from .augment import AugmentConfig, affine_theta, apply_affine, augment_batch
 
-__all__ = ["AugmentConfig", "DataError", "ImageDataset", "augment_batch", "load_dataset", "stratified_split"]
+__all__ = ["AugmentConfig", "affine_theta", "apply_affine", "DataError", "ImageDataset", "augment_batch", "load_dataset", "stratified_split"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("AugmentConfig", "augment_batch"):
+    if name in ("AugmentConfig", "affine_theta", "apply_affine", "augment_batch"):
         from . import augment
 
         return getattr(augment, name)

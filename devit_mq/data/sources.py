@@ -10,8 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import DataError, stratified_split
+from .lazy import LazyImages
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# The standard ImageNet evaluation transform (timm's DeiT default): the shorter side resized to
+# size / 0.875 (256 for 224) with bicubic interpolation, then the centre size x size crop.
+EVAL_CROP_PCT = 0.875
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -51,13 +55,27 @@ def _decode(path: Path, image_size: int | None, mode: str | None):
     with Image.open(path) as img:
         img = img.convert(mode) if mode else (img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB"))
         if image_size is not None:
-            img = img.resize((image_size, image_size), Image.BILINEAR)
+            img = eval_transform(img, image_size)
         arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def eval_transform(img, size: int):
+    """Resize the shorter side to ``floor(size / 0.875)`` (bicubic), then centre-crop ``size x size``."""
+    from PIL import Image
+
+    short = int(size / EVAL_CROP_PCT)
+    w, h = img.size
+    scale = short / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def _read_folder(folder: Path, classes: list[str] | None, image_size: int | None,
-                 mode: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                 mode: str | None) -> tuple[np.ndarray | LazyImages, np.ndarray, list[str]]:
+    """A folder's images and labels: decoded now without ``image_size``, else kept as paths."""
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     classes = classes or found
     if not classes:
@@ -65,17 +83,24 @@ def _read_folder(folder: Path, classes: list[str] | None, image_size: int | None
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"ImageFolder {folder}: class folders {unknown} are not in the training classes")
-    images, labels = [], []
+    paths, labels = [], []
     for label, name in enumerate(classes):
         sub = folder / name
         if not sub.is_dir():
             continue
         for path in sorted(sub.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_decode(path, image_size, mode))
+                paths.append(path)
                 labels.append(label)
-    if not images:
+    if not paths:
         raise DataError(f"ImageFolder {folder}: no {'/'.join(IMAGE_SUFFIXES)} files under the class folders")
+    if image_size is not None:
+        # a fixed-size transform: keep paths, decode per batch (a folder of any size fits)
+        first = _decode(paths[0], image_size, mode)
+        mode = mode or ("L" if first.shape[-1] == 1 else "RGB")
+        return (LazyImages(paths, lambda p: _decode(p, image_size, mode), first.shape),
+                np.asarray(labels, dtype=np.int64), classes)
+    images = [_decode(p, image_size, mode) for p in paths]
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
         raise DataError(f"ImageFolder {folder}: images have different shapes {sorted(shapes)[:4]}; "
@@ -140,3 +165,17 @@ def read_cifar(path: str, fine: bool) -> tuple[Split, list[str]]:
     if max(y.max(), y_te.max()) >= n:
         raise DataError(f"CIFAR-{n} at {root}: label {max(y.max(), y_te.max())} >= {n} (CIFAR-10 vs -100 files?)")
     return (x, y, x_te, y_te), classes
+
+
+def resize_all(images: np.ndarray, size: int) -> np.ndarray:
+    """``uint8 [N, H, W, C]`` -> ``[N, size, size, C]``, bicubic (CIFAR's 32x32 for a 224 checkpoint)."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, images.shape[-1]), np.uint8)
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        arr = np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+        out[i] = arr[..., None] if arr.ndim == 2 else arr
+    return out

@@ -28,21 +28,23 @@ class StageStore:
     def _paths(self, name: str) -> tuple[Path, Path]:
         return self.directory / f"{name}.safetensors", self.directory / f"{name}.json"
 
-    def load(self, name: str, key: str, modules: dict[str, nn.Module]) -> dict[str, Any] | None:
+    def load(self, name: str, key: str, modules: dict[str, nn.Module], verbose: bool = True) -> dict[str, Any] | None:
         """Load a finished stage into ``modules`` and return its stats, or None to (re)train it."""
         weights, meta_path = self._paths(name)
         if not self.resume or not weights.is_file() or not meta_path.is_file():
             return None
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
-            print(f"[resume] stage {name}: configuration changed since the checkpoint; retraining")
+            if verbose:
+                print(f"[resume] stage {name}: configuration changed since the checkpoint; retraining")
             return None
         tensors = load_file(str(weights))
         for prefix, module in modules.items():
             own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             module.load_state_dict(own, strict=True)
             module.eval()
-        print(f"[resume] stage {name}: loaded from {weights}")
+        if verbose:
+            print(f"[resume] stage {name}: loaded from {weights}")
         return dict(meta.get("stats", {}))
 
     def save(self, name: str, key: str, modules: dict[str, nn.Module], stats: dict[str, Any]) -> None:

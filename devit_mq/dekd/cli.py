@@ -17,6 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stop-after", choices=("teacher", "students", "fusion"), help="stop after this stage")
     parser.add_argument("--threads", type=int, help="torch threads (default: the config's; 1 suits a busy machine)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the run without the relation loss")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: the config's)")
+    parser.add_argument("--no-amp", action="store_true", help="full precision on CUDA too (no mixed precision)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     from ..data import DataError
@@ -30,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = quick_config(cfg)
         if args.threads:
             cfg = cfg.replace(threads=args.threads)
+        if args.device:
+            cfg = cfg.replace(device=args.device)
+        if args.no_amp:
+            cfg = cfg.replace(amp=False)
         run(cfg, out=args.out, work_dir=args.work_dir, resume=args.resume, stop_after=args.stop_after,
             ablation=False if args.no_ablation else None)
     except (ConfigError, DataError, BundleError) as exc:

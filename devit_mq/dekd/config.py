@@ -16,11 +16,14 @@ import yaml
 
 from ..data import AugmentConfig
 from ..model import ConfigError, ViTConfig
+from ..model.config import PRESETS
 from ..yamlio import DuplicateKeyError, load_strict
+from .distributed import DEVICES
 
 # The feature codecs (devit_mq.protocol.FEATURE_CODECS) that fusion training simulates per batch.
 CODECS = ("fp32", "fp16", "int8")
 FINETUNE_MODES = ("joint", "frozen")
+NORMALIZE = ("dataset", "imagenet", "inception")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,18 @@ class DataSection:
     image_size: int | None = None
     max_train: int | None = None
     max_test: int | None = None
+    val_size: int | float = 0   # validation images carved (stratified, seeded) from the training data
+    # input normalisation: the training images' own mean/std, or the constants a checkpoint was
+    # trained with (imagenet: timm's DeiT/ViT-augreg-in1k mean/std; inception: 0.5/0.5)
+    normalize: str = "dataset"
+
+    def __post_init__(self) -> None:
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"data.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+
+    def loader_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_dataset`` (everything but the normalisation)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "normalize"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +62,15 @@ class TrainSection:
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # > 0: score on the validation split every this many epochs (and after the last) and keep the
+    # best-scoring weights (epoch choice on validation data); 0: keep the last epoch's weights
+    val_every: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0 or self.warmup_epochs < 0:
             raise ConfigError("train: epochs >= 0, batch_size > 0, lr > 0 and warmup_epochs >= 0 are required")
+        if self.val_every < 0:
+            raise ConfigError(f"train.val_every must be >= 0, got {self.val_every}")
 
 
 @dataclass(frozen=True)
@@ -67,19 +87,23 @@ class GroupsSection:
 class TeacherSection:
     model: dict[str, Any] = field(default_factory=dict)   # ViTConfig fields; data shape filled in
     checkpoint: str | None = None                           # local timm-format weights (strict keys)
+    reset_head: bool = False    # a checkpoint's classifier of another class count is re-initialised
     train: TrainSection = field(default_factory=TrainSection)
 
 
 @dataclass(frozen=True)
 class StudentsSection:
     models: list[dict[str, Any]] = field(default_factory=list)  # one per group, or one for all
-    relation_weight: float = 1.0
-    relation_weights: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.3])  # Q, K, V
-    relation_block: int | None = None          # student block; None = the middle one
-    teacher_relation_block: int | None = None  # teacher block; None = the middle one
+    relation_weight: float = 1.0               # 1.0 = the paper's objective; 0 = no feature matching
+    relation_weights: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.3])  # Q, K, V (paper's)
+    relation_block: int | None = None          # student block; None = floor(L/2) - 1, as the paper's code
+    teacher_relation_block: int | None = None  # teacher block; None = floor(L/2) - 1
     ce_weight: float = 0.5
     kd_weight: float = 0.5
-    group_teacher_epochs: int = 0              # > 0: fine-tune a teacher copy per group first
+    # > 0: the paper's stage 1, a teacher copy fine-tuned per class group (at group_teacher_lr, its
+    # epochs chosen on validation with train.val_every) teaches that group's sub-model
+    group_teacher_epochs: int = 0
+    group_teacher_lr: float = 1.0e-4
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
@@ -100,8 +124,16 @@ class FusionSection:
     ce_weight: float = 0.5
     kd_weight: float = 0.5
     train: TrainSection = field(default_factory=TrainSection)
+    # Candidate settings, each overriding some of the fields above (not train): every candidate is
+    # trained and the one that ships is chosen on the validation split (devit_mq.dekd.select).
+    # Empty: the settings above are the only candidate.
+    variants: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for i, variant in enumerate(self.variants):
+            bad = sorted(set(variant) - set(VARIANT_KEYS))
+            if bad:
+                raise ConfigError(f"variants[{i}]: unknown key(s) {bad}; a variant may set {list(VARIANT_KEYS)}")
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"fusion.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         bad = [c for c in self.codecs if c not in CODECS]
@@ -111,9 +143,31 @@ class FusionSection:
             raise ConfigError(f"fusion.feature_dropout must be in [0, 1), got {self.feature_dropout}")
 
 
+    def candidates(self) -> list[FusionSection]:
+        """The settings to train, in order: each variant applied to this section (or this section)."""
+        base = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("variants", "train")}
+        return [dataclasses.replace(build(FusionSection, {k: base[k] for k in VARIANT_KEYS} | dict(v),
+                                          f"fusion.variants[{i}]"), train=self.train)
+                for i, v in enumerate(self.variants)] or [self]
+
+
+# what a fusion variant may change (everything but the optimisation schedule)
+VARIANT_KEYS = ("finetune", "student_lr_scale", "feature_dropout", "orphan_loss", "codecs", "mse_weight",
+                "ce_weight", "kd_weight")
+
+
 @dataclass(frozen=True)
 class AblationSection:
-    enabled: bool = True  # re-run students + fusion without the relation loss, same budget
+    # re-run students + fusion without the relation loss, same budget, once per seed (students' and
+    # fusion's seeds; the teacher is shared). Seed 0 is the shipped run itself.
+    enabled: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # with students.group_teacher_epochs > 0: also train students + fusion from the shared teacher
+    group_teachers: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ConfigError(f"ablation.seeds must be distinct non-negative integers, got {self.seeds}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +183,8 @@ class DEKDConfig:
     name: str = "dekd"
     seed: int = 0
     threads: int = 2
+    device: str = "auto"   # auto | cpu | cuda (auto: the GPU when torch sees one)
+    amp: bool = True       # float16 mixed precision on CUDA (never on the CPU)
     data: DataSection = field(default_factory=DataSection)
     groups: GroupsSection = field(default_factory=GroupsSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
@@ -136,6 +192,10 @@ class DEKDConfig:
     fusion: FusionSection = field(default_factory=FusionSection)
     ablation: AblationSection = field(default_factory=AblationSection)
     output: OutputSection = field(default_factory=OutputSection)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +227,17 @@ def _model_config(data: dict[str, Any], image_shape: tuple[int, int, int], num_c
     clash = {k: data[k] for k in fixed if k in data and data[k] != fixed[k]}
     if clash:
         raise ConfigError(f"{where}: {clash} contradicts the data ({fixed})")
+    data = dict(data)
+    if "preset" in data:  # a timm shape by name, e.g. deit_base_distilled_patch16_224, then overrides
+        name = data.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown {name!r}; known: {sorted(PRESETS)}")
+        base = PRESETS[name].to_dict()
+        clash = {k: base[k] for k in ("img_size", "in_chans") if base[k] != fixed[k]}
+        if clash:
+            raise ConfigError(f"{where}.preset {name} expects {clash}; the data gives {fixed} "
+                              "(set data.image_size, or use RGB images)")
+        data = {**base, **data}
     return ViTConfig.from_dict({**data, **fixed}, where)
 
 
@@ -236,7 +307,9 @@ def build(cls: type, data: Any, where: str) -> Any:
 
 
 def config_from_dict(data: Any) -> DEKDConfig:
-    return build(DEKDConfig, data, "")
+    cfg = build(DEKDConfig, data, "")
+    cfg.fusion.candidates()  # a bad variant fails at load time, naming its key
+    return cfg
 
 
 def load_config(path: str | Path) -> DEKDConfig:

@@ -22,30 +22,35 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
 @torch.no_grad()
 def predict(model: VisionTransformer, data: Batches) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x).argmax(-1) for x, _ in data.chunks()])
+    return torch.cat([model(x).argmax(-1).cpu() for x, _ in data.chunks()])
 
 
 @torch.no_grad()
 def ensemble_features(ensemble: DeViTEnsemble, data: Batches) -> list[torch.Tensor]:
     ensemble.eval()
     per_batch = [ensemble.features(x) for x, _ in data.chunks()]
-    return [torch.cat([b[i] for b in per_batch]) for i in range(ensemble.num_parts)]
+    return [torch.cat([b[i] for b in per_batch]).cpu() for i in range(ensemble.num_parts)]
 
 
 @torch.no_grad()
 def fused_predictions(ensemble: DeViTEnsemble, parts: Sequence[torch.Tensor | None], codec: str = "fp32") -> torch.Tensor:
     cfg = ensemble.fusion.config
     coded = [None if p is None else simulate_codec(p, codec) for p in parts]
-    return ensemble.fusion(concat_features(coded, cfg.in_dims, cfg.num_prefix_tokens)).argmax(-1)
+    device = next(ensemble.fusion.parameters()).device
+    return ensemble.fusion(concat_features(coded, cfg.in_dims, cfg.num_prefix_tokens).to(device)).argmax(-1).cpu()
 
 
-def evaluate_ensemble(ensemble: DeViTEnsemble, groups: Sequence[Sequence[int]], test: Batches) -> dict:
-    """Group accuracies, fused accuracy per codec, and accuracy with each single edge missing."""
-    labels = test.labels
-    parts = ensemble_features(ensemble, test)
+def evaluate_ensemble(ensemble: DeViTEnsemble, groups: Sequence[Sequence[int]], split: Batches,
+                      codecs: Sequence[str] = ("fp32", "fp16", "int8"), with_missing: bool = True) -> dict:
+    """On one split (validation or test): fused accuracy per codec and, unless ``with_missing`` is
+    false, the group accuracies and the accuracy with each single edge missing."""
+    labels = split.labels
+    parts = ensemble_features(ensemble, split)
+    fused = {codec: accuracy(fused_predictions(ensemble, parts, codec), labels) for codec in codecs}
+    if not with_missing:
+        return {"fused_accuracy": fused}
     full = fused_predictions(ensemble, parts)
-    fused = {codec: accuracy(fused_predictions(ensemble, parts, codec), labels) for codec in ("fp32", "fp16", "int8")}
-    groups_acc = [accuracy(predict(m, group_data(test, g)), group_data(test, g).labels)
+    groups_acc = [accuracy(predict(m, group_data(split, g)), group_data(split, g).labels)
                   for m, g in zip(ensemble.submodels, groups, strict=True)]
     missing = []
     if len(groups) > 1:

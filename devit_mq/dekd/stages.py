@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -13,16 +13,21 @@ import torch.nn.functional as F
 from ..model import ConfigError, DeViTEnsemble, FusionConfig, FusionHead, VisionTransformer, ViTConfig
 from .batches import Batches
 from .config import FusionSection, StudentsSection, TeacherSection, TrainSection
+from .distributed import LOCAL, Context, StageForward
 from .loop import fit, param_groups
 from .losses import (
     feature_dropout_mask,
-    fusion_loss,
+    fusion_loss_per_sample,
     hard_kd,
     orphan_mask,
     qkv_relation_loss,
+    relation_block,
     restrict_logits,
 )
 from .quant import codec_ste
+
+# A validation score of a model (higher is better); stages keep the best epoch's weights by it.
+Score = Callable[[torch.nn.Module], float]
 
 
 def _logits(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -33,53 +38,89 @@ def _mean_logits(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch
     return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
 
 
-def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> None:
-    """Load timm-format weights (safetensors, or a torch file loaded with ``weights_only``), strictly."""
+def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"teacher.checkpoint {path}: not a readable safetensors file ({exc})") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types for a bad file; all mean "unreadable"
+        raise ConfigError(f"teacher.checkpoint {path}: not a readable torch checkpoint ({exc})") from None
+    for key in ("model", "state_dict", "model_ema"):  # timm / DeiT training scripts nest the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"teacher.checkpoint {path}: expected a state dict of tensors")
+    return state
+
+
+def load_timm_checkpoint(model: VisionTransformer, path: str | Path, reset_head: bool = False) -> None:
+    """Load timm-format weights (safetensors, or a torch file loaded with ``weights_only``), strictly.
+
+    With ``reset_head`` a classifier of another class count (an ImageNet checkpoint for CIFAR-100) is
+    left at its fresh initialisation, to be fine-tuned; every other key must match in name and shape."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"teacher.checkpoint: {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict", "model_ema"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"teacher.checkpoint {path} does not match teacher.model: {exc}") from exc
+    state = _checkpoint_state(path)
+    own = model.state_dict()
+    heads = {k for k in own if k.split(".")[0] in ("head", "head_dist")}
+    if reset_head:
+        state = {k: v for k, v in state.items() if k not in heads or v.shape == own[k].shape}
+    missing = sorted(set(own) - set(state) - (heads if reset_head else set()))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(state) & set(own)
+                    if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        hint = " (teacher.reset_head: true re-initialises a classifier of another size)" if any(
+            s.startswith("head") for s in shapes) else ""
+        raise ConfigError(f"teacher.checkpoint {path} does not match teacher.model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}{hint}")
+    model.load_state_dict(state, strict=False)
 
 
 def _supervised(model: VisionTransformer, data: Batches, train: TrainSection, seed: int, desc: str,
-                classes: Sequence[int] | None = None) -> dict[str, float]:
+                classes: Sequence[int] | None = None, score: Score | None = None,
+                ctx: Context = LOCAL) -> dict[str, float]:
     """Plain label-smoothed CE training (the teacher; a per-group teacher with ``classes``)."""
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        x, y = data.get(idx, train.augment)
-        logits = _mean_logits(model(x))
+    forward = ctx.wrap(StageForward(model, lambda x: _mean_logits(model(x))))
+
+    def loss_fn(idx: torch.Tensor, part: slice) -> tuple[torch.Tensor, int]:
+        x, y = data.get(idx, train.augment, part)
+        logits = forward(x)
         if classes is not None:
             logits = restrict_logits(logits, classes)
-        return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing)
+        return F.cross_entropy(logits, y, label_smoothing=train.label_smoothing, reduction="sum"), len(y)
 
     groups = param_groups(model.named_parameters(), train.weight_decay, train.lr)
-    return fit(groups, loss_fn, len(data), train, seed, desc, [model])
+    return fit(groups, loss_fn, len(data), train, seed, desc, [model], _bind(score, model), ctx)
 
 
-def train_teacher(cfg: ViTConfig, section: TeacherSection, data: Batches, seed: int) -> tuple[VisionTransformer, dict]:
+def _bind(score: Score | None, model: torch.nn.Module) -> Callable[[], float] | None:
+    return None if score is None else (lambda: score(model))
+
+
+def train_teacher(cfg: ViTConfig, section: TeacherSection, data: Batches, seed: int,
+                  score: Score | None = None, ctx: Context = LOCAL) -> tuple[VisionTransformer, dict]:
     torch.manual_seed(seed)
+    data.reseed(seed)
     model = VisionTransformer(cfg)
     if section.checkpoint:
-        load_timm_checkpoint(model, section.checkpoint)
+        load_timm_checkpoint(model, section.checkpoint, section.reset_head)
+    model.to(ctx.device)
     stats = {"epochs": 0, "seconds": 0.0}
     if section.train.epochs:
-        stats = _supervised(model, data, section.train, seed, "teacher")
+        stats = _supervised(model, data, section.train, seed, "teacher", score=score, ctx=ctx)
     return model.eval(), stats
 
 
-def _middle(model: VisionTransformer, block: int | None) -> int:
-    return len(model.blocks) // 2 if block is None else block
+def _relation_block(model: VisionTransformer, block: int | None) -> int:
+    return relation_block(len(model.blocks)) if block is None else block
 
 
 def group_data(data: Batches, group: Sequence[int]) -> Batches:
@@ -90,42 +131,65 @@ def group_data(data: Batches, group: Sequence[int]) -> Batches:
     return sub
 
 
+def finetune_group_teacher(
+    teacher: VisionTransformer, group: Sequence[int], section: StudentsSection, data: Batches, seed: int,
+    desc: str, score: Score | None = None, ctx: Context = LOCAL,
+) -> tuple[VisionTransformer, dict]:
+    """The paper's first stage: a copy of the large model fine-tuned on one class group (its logits
+    restricted to the group), which then teaches that group's sub-model. ``teacher`` is unchanged."""
+    torch.manual_seed(seed)
+    data.reseed(seed)
+    model = copy.deepcopy(teacher)
+    train = dataclasses.replace(section.train, epochs=section.group_teacher_epochs, lr=section.group_teacher_lr,
+                                warmup_epochs=min(section.train.warmup_epochs, section.group_teacher_epochs))
+    model.unfreeze()  # the shared teacher may have been frozen by a previous stage
+    stats = _supervised(model, group_data(data, group), train, seed, desc, classes=group, score=score, ctx=ctx)
+    return model.eval(), stats
+
+
 def distill_student(
     teacher: VisionTransformer, cfg: ViTConfig, group: Sequence[int], section: StudentsSection,
-    data: Batches, seed: int, desc: str, relation_weight: float,
+    data: Batches, seed: int, desc: str, relation_weight: float, score: Score | None = None,
+    ctx: Context = LOCAL,
 ) -> tuple[VisionTransformer, dict]:
-    """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + relation KL."""
+    """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + the
+    relation term (published weights, one block at floor(L/2)-1 on each side, / student blocks)."""
     torch.manual_seed(seed)
+    data.reseed(seed)
     sub = group_data(data, group)
-    stats: dict = {}
-    if section.group_teacher_epochs:
-        teacher = copy.deepcopy(teacher)
-        stats["group_teacher"] = _supervised(
-            teacher, sub, dataclasses.replace(section.train, epochs=section.group_teacher_epochs),
-            seed, f"{desc} teacher", classes=group)
     teacher.eval().requires_grad_(False)
-    student = VisionTransformer(cfg)
+    student = VisionTransformer(cfg).to(ctx.device)
     student.distilled_training = cfg.distilled
-    t_block, s_block = _middle(teacher, section.teacher_relation_block), _middle(student, section.relation_block)
+    t_block = _relation_block(teacher, section.teacher_relation_block)
+    s_block = _relation_block(student, section.relation_block)
     train = section.train
 
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        x, y = sub.get(idx, train.augment)
+    def student_forward(x: torch.Tensor):
+        tokens, qkv = student.forward_tokens(x, qkv_block=s_block if relation_weight else None)
+        return _logits(student, tokens), qkv
+
+    forward = ctx.wrap(StageForward(student, student_forward))
+
+    def loss_fn(idx: torch.Tensor, part: slice) -> tuple[torch.Tensor, int]:
+        x, y = sub.get(idx, train.augment, part)
         with torch.no_grad():
             t_tokens, t_qkv = teacher.forward_tokens(x, qkv_block=t_block if relation_weight else None)
             t_logits = restrict_logits(_mean_logits(_logits(teacher, t_tokens)), group)
-        s_tokens, s_qkv = student.forward_tokens(x, qkv_block=s_block if relation_weight else None)
-        out = _logits(student, s_tokens)
+        out, s_qkv = forward(x)
         cls_logits, kd_logits = out if isinstance(out, tuple) else (out, out)  # DeiT: KD on the DIST head
-        loss = section.ce_weight * F.cross_entropy(cls_logits, y, label_smoothing=train.label_smoothing)
-        loss = loss + section.kd_weight * hard_kd(kd_logits, t_logits)
+        # sums over the shard: the loop divides by the global batch size
+        loss = section.ce_weight * F.cross_entropy(cls_logits, y, label_smoothing=train.label_smoothing,
+                                                   reduction="sum")
+        loss = loss + section.kd_weight * hard_kd(kd_logits, t_logits, reduction="sum")
         if relation_weight:
-            loss = loss + relation_weight * qkv_relation_loss(
-                t_qkv, s_qkv, section.relation_weights, teacher.num_prefix_tokens, student.num_prefix_tokens)
-        return loss
+            loss = loss + relation_weight * len(y) * qkv_relation_loss(
+                t_qkv, s_qkv, section.relation_weights, teacher_heads=teacher.config.num_heads,
+                student_heads=cfg.num_heads, student_depth=cfg.depth,
+                teacher_prefix=teacher.num_prefix_tokens, student_prefix=student.num_prefix_tokens)
+        return loss, len(y)
 
     groups = param_groups(student.named_parameters(), train.weight_decay, train.lr)
-    stats.update(fit(groups, loss_fn, len(sub), train, seed, desc, [student]))
+    stats = fit(groups, loss_fn, len(sub), train, seed, desc, [student], _bind(score, student), ctx)
     student.distilled_training = False
     return student.eval(), stats
 
@@ -150,15 +214,20 @@ def build_ensemble(students: Sequence[VisionTransformer], teacher_cfg: ViTConfig
 def train_fusion(
     teacher: VisionTransformer, students: Sequence[VisionTransformer], section: FusionSection,
     data: Batches, num_classes: int, seed: int, desc: str = "fusion",
-    groups: Sequence[Sequence[int]] | None = None,
+    groups: Sequence[Sequence[int]] | None = None, score: Score | None = None, ctx: Context = LOCAL,
 ) -> tuple[DeViTEnsemble, dict]:
     """Ensemble stage: MSE(mapped token, teacher token) + 0.5 CE + 0.5 hard KD, with feature dropout
     and codec-aware training; students fine-tuned jointly or frozen."""
     torch.manual_seed(seed)
+    data.reseed(seed)
     teacher.eval().requires_grad_(False)
-    ensemble = build_ensemble([copy.deepcopy(s) for s in students], teacher.config, num_classes)
+    ensemble = build_ensemble([copy.deepcopy(s) for s in students], teacher.config, num_classes).to(ctx.device)
     joint = section.finetune == "joint"
     ensemble.submodels.requires_grad_(joint)
+    for sub in ensemble.submodels:  # the sub-models' own heads take no part in the fusion (nor its gradient)
+        for head in (sub.head, sub.head_dist):
+            if head is not None:
+                head.requires_grad_(False)
     train = section.train
     generator = torch.Generator().manual_seed(seed + 1)
     codecs = section.codecs
@@ -169,28 +238,37 @@ def train_fusion(
         owner = torch.empty(num_classes, dtype=torch.long)
         for i, g in enumerate(groups):
             owner[list(g)] = i
+        owner = owner.to(ctx.device)
 
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        x, y = data.get(idx, train.augment)
+    def ensemble_forward(x: torch.Tensor, keep: torch.Tensor, codec: str):
+        if not joint:
+            ensemble.submodels.eval()
+        with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+            parts = ensemble.features(x)
+        return ensemble.fusion.forward_mapped(torch.cat(apply_wire(parts, keep, codec), dim=-1))
+
+    forward = ctx.wrap(StageForward(ensemble, ensemble_forward))
+
+    def loss_fn(idx: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        # drawn for the global batch on every rank (same generator), then cut to this rank's shard
+        keep = feature_dropout_mask(len(idx), ensemble.num_parts, section.feature_dropout, generator)[part]
+        codec = codecs[int(torch.randint(len(codecs), (1,), generator=generator))]
+        x, y = data.get(idx, train.augment, part)
+        keep = keep.to(x.device)
         with torch.no_grad():
             t_tokens = teacher.forward_tokens(x)[0]
             t_logits = _mean_logits(_logits(teacher, t_tokens))
-        if not joint:
-            ensemble.submodels.eval()
-        with torch.set_grad_enabled(joint):
-            parts = ensemble.features(x)
-        keep = feature_dropout_mask(len(y), len(parts), section.feature_dropout, generator)
-        codec = codecs[int(torch.randint(len(codecs), (1,), generator=generator))]
-        cat = torch.cat(apply_wire(parts, keep, codec), dim=-1)
-        logits, mapped = ensemble.fusion.forward_mapped(cat)
-        weight = None if owner is None else orphan_mask(keep, y, owner)
-        return fusion_loss(logits, mapped, y, t_logits, t_tokens[:, : teacher.num_prefix_tokens],
-                           section.mse_weight, section.ce_weight, section.kd_weight, train.label_smoothing, weight)
+        logits, mapped = forward(x, keep, codec)
+        per_sample = fusion_loss_per_sample(logits, mapped, y, t_logits, t_tokens[:, : teacher.num_prefix_tokens],
+                                            section.mse_weight, section.ce_weight, section.kd_weight,
+                                            train.label_smoothing)
+        weight = torch.ones_like(per_sample) if owner is None else orphan_mask(keep, y, owner)
+        return (per_sample * weight).sum(), weight.sum()
 
     groups = param_groups(ensemble.fusion.named_parameters(), train.weight_decay, train.lr)
     if joint:
         for g in param_groups(ensemble.submodels.named_parameters(), train.weight_decay, train.lr):
             groups.append({**g, "lr_scale": section.student_lr_scale})
     modules = [ensemble] if joint else [ensemble.fusion]
-    stats = fit(groups, loss_fn, len(data), train, seed, desc, modules)
+    stats = fit(groups, loss_fn, len(data), train, seed, desc, modules, _bind(score, ensemble), ctx)
     return ensemble.eval(), stats

@@ -102,7 +102,7 @@ class DeViTEnsemble(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """What each edge would send: ``[B, P, D_i]`` per sub-model."""
-        return [m.forward_features(x) for m in self.submodels]
+        return [m.forward_prefix(x) for m in self.submodels]
 
     def fuse(self, parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
         cfg = self.fusion.config

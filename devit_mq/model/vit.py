@@ -185,6 +185,14 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             block.attn.backend = resolved
 
+    def unfreeze(self) -> VisionTransformer:
+        """Make every parameter trainable again except the fixed sin-cos positions (after a stage
+        froze the model to use it as a teacher)."""
+        self.requires_grad_(True)
+        if self.config.pos_embed == "sincos":
+            self.pos_embed.requires_grad_(False)
+        return self
+
     @property
     def attention_backend(self) -> str:
         return self.blocks[0].attn.backend
@@ -214,11 +222,9 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(x)[0][:, : self.num_prefix_tokens]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-norm CLS (and DIST) tokens ``[B, P, D]``: exactly what an edge sends.
-
-        (timm's ``forward_features`` returns every token; ``forward_tokens`` here does that.)
-        """
-        return self.forward_prefix(x)
+        """Every final-norm token ``[B, P+N, D]`` (CLS, DIST if any, then the patches), as timm's
+        ``forward_features`` returns them: a timm-style ``forward_features(x)[:, P:]`` gets the patches."""
+        return self.forward_tokens(x)[0]
 
     def forward_head(self, prefix: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(prefix[:, 0])
@@ -230,7 +236,7 @@ class VisionTransformer(nn.Module):
         return (logits + logits_dist) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_prefix(x))
 
 
 def count_parameters(model: nn.Module) -> int:
