@@ -56,6 +56,9 @@ def test_two_ranks_train_what_one_process_trains(runs):
         assert sb["final_loss"] == pytest.approx(sa["final_loss"], rel=1e-4), stage  # the global batch's mean
     ra = json.loads((single / "report.json").read_text())
     rb = json.loads((ddp / "report.json").read_text())
+    for i, g in enumerate(ra["group_teachers"]):  # the epoch was chosen on the group-restricted score
+        stats = json.loads((single.with_name("single.work") / f"group_teacher_{i}.json").read_text())["stats"]
+        assert stats["val_score"] == pytest.approx(g["val_accuracy_on_group"])
     assert rb["fused_accuracy"]["fp32"] == pytest.approx(ra["fused_accuracy"]["fp32"], abs=1.5 / 60)
 
 

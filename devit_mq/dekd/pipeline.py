@@ -161,8 +161,10 @@ class Pipeline:
             model = VisionTransformer(self.t_cfg)
             st = self._load(name, key, {"teacher": model})
             if st is None:
-                model, st = finetune_group_teacher(self.teacher, group, section, self.train, self.cfg.seed + 50 + i,
-                                                   name, self._group_score(group), self.ctx)
+                # a teacher's logits span every class: score it on the group's, as it teaches them
+                model, st = finetune_group_teacher(
+                    self.teacher, group, section, self.train, self.cfg.seed + 50 + i, name,
+                    lambda m, g=group: self._restricted_accuracy(m, g, self.val), self.ctx)
                 st["group_test_accuracy"] = self._restricted_accuracy(model, group, self.test)
                 self._save(name, key, {"teacher": model}, st)
             self.seconds[name] = st["seconds"]
