@@ -7,6 +7,8 @@ for it, saying how many were folded into that line.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import time
 
@@ -35,12 +37,84 @@ class RateLimitedLog:
             return
         folded = self._suppressed.pop(key, 0)
         self._last[key] = now
+        extra = {"event": key}
         if folded:
             fmt += f" (+{folded} similar in the last {now - (last or now):.0f} s)"
-        self.logger.log(level, fmt, *args, exc_info=exc_info)
+            extra["similar"] = folded  # a field of its own in JSON logs
+        self.logger.log(level, fmt, *args, exc_info=exc_info, extra=extra)
 
     def warning(self, key: str, fmt: str, *args: object) -> None:
         self.log(logging.WARNING, key, fmt, *args)
 
     def info(self, key: str, fmt: str, *args: object) -> None:
         self.log(logging.INFO, key, fmt, *args)
+
+
+# -- command-line logging: one set of options for every long-running command -----------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (what log shippers such as Loki, Fluent Bit or journald's JSON
+    mode ingest without a parse rule): ``ts`` (UTC, ISO 8601, ms), ``level``, ``logger``, ``node``
+    (when the process runs one), ``msg``, ``exc`` (a traceback, when there is one), and any
+    ``extra=`` fields of the call, e.g. ``similar`` from :class:`RateLimitedLog`."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        out: dict[str, object] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name}
+        if self.node:
+            out["node"] = self.node
+        out["msg"] = record.getMessage()
+        out.update({k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def add_log_arguments(parser: argparse.ArgumentParser, default_level: str = "warning") -> None:
+    """``--log-level`` and ``--log-format`` (and ``-v`` = ``--log-level info``, kept for habit)."""
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                       help=f"the lowest level written to stderr (default: {default_level})")
+    group.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="text lines, or one JSON object per line (for log shippers)")
+    group.add_argument("-v", "--verbose", action="store_true", help="same as --log-level info")
+    parser.set_defaults(_default_log_level=default_level)
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """The level the options ask for (``--log-level`` wins over ``-v``)."""
+    return args.log_level or ("info" if args.verbose else args._default_log_level)
+
+
+def setup_logging(args: argparse.Namespace, node: str | None = None) -> None:
+    """Configure the root logger from :func:`add_log_arguments`' options; ``node`` names the node in
+    every line (text) or as a field (JSON)."""
+    configure_logging(log_level(args), args.log_format, node)
+
+
+def configure_logging(level: str, fmt: str = "text", node: str | None = None) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(node))
+    else:
+        who = f" {node}" if node else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s{who} %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):  # a second call (tests, a command calling another) replaces, not adds
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def log_arguments(args: argparse.Namespace) -> list[str]:
+    """The same options for a child process (a launcher's nodes log as their launcher was told)."""
+    return ["--log-level", log_level(args), "--log-format", args.log_format]

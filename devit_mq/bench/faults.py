@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from devit_mq.logs import add_log_arguments, setup_logging
 from devit_mq.nodes.launcher import Launcher
 from devit_mq.topology import NodeSpec
 from devit_mq.transport import FaultyTransport, Transport
@@ -95,7 +96,8 @@ class FaultLauncher(Launcher):
         if self.edge_faults is None or spec.role != "edge" or not faulty:
             return super().node_command(spec)
         return [self.python, "-m", "devit_mq.bench.faults", str(self.topology_path), "--name", spec.name,
-                "--faults", json.dumps(self.edge_faults.to_dict()), "--seed", str(self.seed + spec.rank)]
+                "--faults", json.dumps(self.edge_faults.to_dict()), "--seed", str(self.seed + spec.rank),
+                *self.node_log_args]
 
     def kill(self, name: str) -> int:
         """SIGKILL node ``name`` (no goodbye to its peers: a crash); returns its pid."""
@@ -123,8 +125,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--faults", required=True, help="a FaultSpec as JSON")
     p.add_argument("--seed", type=int, default=0)
+    add_log_arguments(p, default_level="info")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    setup_logging(args, node=args.name)
     from devit_mq.nodes.cli import run_node
 
     faults = FaultSpec.from_dict(json.loads(args.faults))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 import threading
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from devit_mq.logs import add_log_arguments, setup_logging
 from devit_mq.metrics import percentiles
 from devit_mq.transport import Inbound, Peer, Transport
 from devit_mq.wire import Kind, Limits, WireError, decode
@@ -618,16 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", type=Path, default=None, help="node logs with --launch")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every failed send and dropped message")
+    # a killed edge or injected faults make every affected send log a warning: expected here, so
+    # only errors by default (-v logs every failed send and dropped message)
+    add_log_arguments(p, default_level="error")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    # a killed edge or injected faults make every affected send log a warning: expected here, so quiet
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args)
     from devit_mq.nodes.client import ClientError
     from devit_mq.nodes.launcher import LaunchError
     from devit_mq.topology import TopologyError

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..logs import add_log_arguments, setup_logging
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="devit-mq train", description="Run the DEKD pipeline and write a bundle.")
@@ -19,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-ablation", action="store_true", help="skip the run without the relation loss")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default: the config's)")
     parser.add_argument("--no-amp", action="store_true", help="full precision on CUDA too (no mixed precision)")
+    add_log_arguments(parser, default_level="info")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(args)
 
     from ..data import DataError
     from ..model import BundleError, ConfigError

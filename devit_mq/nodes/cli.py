@@ -21,15 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from devit_mq.logs import add_log_arguments, log_arguments, setup_logging
+
 log = logging.getLogger("devit_mq")
 
 DEFAULT_TOPOLOGY = "topologies/local-2edge.yaml"
 DEFAULT_MPI_TOPOLOGY = "topologies/mpi-2edge.yaml"
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -104,8 +101,9 @@ def main_node(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq node", description="Run one node of a ZeroMQ topology.")
     p.add_argument("topology")
     p.add_argument("--name", required=True, help="the node's name in the topology")
+    add_log_arguments(p, default_level="info")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    setup_logging(args, node=args.name)
     return run_node(args.topology, args.name)
 
 
@@ -130,14 +128,15 @@ def main_launch(argv: list[str]) -> int:
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--no-restart", action="store_true",
                    help="a node that dies stops every node (exit 1) instead of being restarted")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_log_arguments(p)
     args = p.parse_args(argv)
-    _logging(args.verbose)
+    setup_logging(args)
     from .client import ClientError
     from .launcher import Launcher, LaunchError
 
     try:
-        launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout)
+        launcher = Launcher(args.topology, log_dir=args.log_dir, ready_timeout_s=args.ready_timeout,
+                            node_log_args=log_arguments(args))
     except (LaunchError, *_user_errors()) as exc:
         return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
 
@@ -314,9 +313,9 @@ def main_demo(argv: list[str]) -> int:
     p.add_argument("--topology", default=None, help=f"default: {DEFAULT_TOPOLOGY} ({DEFAULT_MPI_TOPOLOGY} for MPI)")
     p.add_argument("--transport", choices=["zmq", "mpi"], default="zmq")
     p.add_argument("--limit", type=int, default=None, help="classify only the first N test images")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_log_arguments(p)
     args = p.parse_args(argv)
-    _logging(args.verbose)
+    setup_logging(args)
     if args.transport == "mpi":
         return _demo_mpi(args)
     from devit_mq.topology import load_topology
@@ -327,7 +326,7 @@ def main_demo(argv: list[str]) -> int:
     path = args.topology or DEFAULT_TOPOLOGY
     try:
         topology = load_topology(path)
-        launcher = Launcher(topology)
+        launcher = Launcher(topology, node_log_args=log_arguments(args))
     except (LaunchError, *_user_errors()) as exc:
         return _fail(_one_line(exc), getattr(exc, "exit_code", 2))
     print(f"launching {path}: {1 + len(topology.edges)} node processes (ZeroMQ) ...", flush=True)
@@ -454,9 +453,9 @@ def main_mpi(argv: list[str]) -> int:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="with --run check: also write the answers to this file")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_log_arguments(p)
     args = p.parse_args(argv)
-    _logging(args.verbose)
+    setup_logging(args)
     try:
         from mpi4py import MPI
     except ImportError as exc:  # the base install has no MPI
@@ -492,6 +491,7 @@ def main_mpi(argv: list[str]) -> int:
     assert topology is not None and ranks is not None
     names = {r: n for n, r in ranks.items()}
     name = names[rank]
+    setup_logging(args, node=name)
     spec = topology.node(name)
     state: dict[str, Any] = {"node": None, "client": None}
 

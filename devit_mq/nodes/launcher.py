@@ -177,7 +177,8 @@ class Launcher:
 
     def __init__(self, topology: Topology | str | Path, log_dir: str | Path | None = None,
                  ready_timeout_s: float = 120.0, python: str = sys.executable,
-                 node_command: Callable[[NodeSpec], list[str]] | None = None) -> None:
+                 node_command: Callable[[NodeSpec], list[str]] | None = None,
+                 node_log_args: list[str] | None = None) -> None:
         self.topology_path = Path(topology.source) if isinstance(topology, Topology) else Path(topology)
         self.topology = topology if isinstance(topology, Topology) else load_topology(topology)
         if self.topology.transport != "zmq":
@@ -187,6 +188,7 @@ class Launcher:
         self.log_dir = Path(log_dir) if log_dir else Path("runs") / f"{self.topology.name}-{stamp}-{os.getpid()}"
         self.ready_timeout_s = ready_timeout_s
         self.python = python
+        self.node_log_args = list(node_log_args or [])  # --log-level/--log-format for every node
         if node_command is not None:
             self.node_command = node_command  # type: ignore[method-assign]
         self.instance = secrets.token_hex(8)
@@ -246,7 +248,8 @@ class Launcher:
 
     def node_command(self, spec: NodeSpec) -> list[str]:
         """The command that runs node ``spec`` (a hook for subclasses, e.g. fault injection)."""
-        return [self.python, "-m", "devit_mq.cli", "node", str(self.topology_path), "--name", spec.name]
+        return [self.python, "-m", "devit_mq.cli", "node", str(self.topology_path), "--name", spec.name,
+                *self.node_log_args]
 
     def node_env(self, spec: NodeSpec) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")

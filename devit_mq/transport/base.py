@@ -65,7 +65,7 @@ class Transport(ABC):
     def recv(self, timeout: float | None = None) -> Inbound | None:
         """One message from any peer, or ``None`` after ``timeout`` seconds (``None``: wait forever)."""
 
-    def set_idle(self, idle: bool) -> None:
+    def set_idle(self, idle: bool) -> None:  # noqa: B027 -- a hint: ignoring it is a valid choice
         """A hint from the node: nothing is in flight and no work came for a while, so the next
         message may be picked up a little later in exchange for near-zero CPU while waiting. Only
         transports that poll (MPI) use it; one that blocks in the kernel (ZeroMQ) is free when idle."""
