@@ -28,7 +28,9 @@ from msgspec import Meta, Struct
 
 # -- wire constants ---------------------------------------------------------------------------------
 
-WIRE_VERSION = 2  # 2: typed meta per kind, control ops as a tagged union, names restricted to NAME_RE
+# 2: typed meta per kind, control ops as a tagged union, names restricted to NAME_RE
+# 3: status replies say how long ago each edge was heard from and which package version runs
+WIRE_VERSION = 3
 
 #: every array codec, in the order reports list them; ``raw`` carries images (their own dtype)
 CODEC_NAMES = ("raw", "fp32", "fp16", "bf16", "int8", "int8-block")
@@ -162,6 +164,7 @@ class Telemetry(_Schema):
 
     node: Name
     pid: Count = 0
+    version: Short = ""  # the devit_mq package version the node runs
     info: Annotated[dict[Key, Short | Integer | Number | bool | None], Meta(max_length=MAX_INFO)] = {}
     uptime_s: Number = 0.0
     counters: Annotated[dict[Key, Count], Meta(max_length=MAX_COUNTERS + 1)] = {}
@@ -213,6 +216,9 @@ class Status(_Op, tag="status_reply"):
     codec: Short = ""
     image_shape: Annotated[list[Annotated[int, Meta(ge=1, le=1 << 16)]], Meta(max_length=3)] = []
     instance: Token = ""  # the launch that started the aggregator (ENV_INSTANCE), "" if none
+    # seconds since the aggregator last heard from each part's edge (index = part; -1: never)
+    last_heard_s: Annotated[list[Annotated[float, Meta(ge=-1.0, le=1e9)]], Meta(max_length=MAX_PARTS)] = []
+    silence_s: Millis = 0.0  # an edge silent for longer is treated as down (requests stop waiting for it)
 
 
 ControlOp = Hello | StatusQuery | Ready | Shutdown | Status

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from devit_mq import __version__
 from devit_mq.protocol import (
     MAX_COUNTERS,
     MAX_INFO,
@@ -152,7 +153,7 @@ class Metrics:
         for k, samples in self._samples.items():
             p = percentiles(samples)
             stages[k] = Percentiles(n=p["n"], **{q: p[q] * 1e3 for q in ("p50", "p90", "p99", "mean") if q in p})
-        return Telemetry(node=self.node, pid=os.getpid(), info=self._info(), uptime_s=time.time() - self.started,
+        return Telemetry(node=self.node, pid=os.getpid(), version=__version__, info=self._info(), uptime_s=time.time() - self.started,
                          counters=dict(self.counters), bytes=dict(self.bytes), stages_ms=stages,
                          cpu_s=usage["cpu_s"], rss_mb=usage["rss_mb"], peak_rss_mb=self._peak_rss_mb)
 

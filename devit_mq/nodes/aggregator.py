@@ -156,10 +156,12 @@ class AggregatorNode(NodeBase):
         now = time.monotonic()
         if self._status is None or now - self._status[0] > STATUS_CACHE_S:
             nodes = {**self.edge_telemetry, self.name: self.metrics.telemetry()}
+            heard = [round(now - self.last_seen[p], 3) if p in self.last_seen else -1.0 for p in range(self.num_parts)]
             self._status = (now, Status(
                 ready=sorted(self.ready_parts), parts=self.num_parts, pending=len(self.table.pending), nodes=nodes,
                 classes=list(self.info.get("classes", [])), codec=str(self.info.get("codec", "")),
-                image_shape=list(self.info.get("image_shape", [])), instance=str(self.info.get("instance", ""))))
+                image_shape=list(self.info.get("image_shape", [])), instance=str(self.info.get("instance", "")),
+                last_heard_s=heard, silence_s=EDGE_SILENCE_S))
         return self._status[1]
 
     def _on_features(self, msg: Message) -> None:
