@@ -17,20 +17,13 @@ from devit_mq.nodes.runtime import Client
 from devit_mq.nodes.status import StatusProbe, load, query_status
 from devit_mq.transport.security import create_keys
 
-from .runtime_helpers import images, make_bundle, write_topology
+from .runtime_helpers import images, make_bundle, one_error_line, write_topology
 
 CLI = [sys.executable, "-m", "devit_mq.cli"]
 
 
 def status(topo, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "status", str(topo), *extra], capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(out: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("devit-mq: error: "), out.stderr
-    return lines[0]
 
 
 @pytest.mark.timeout(120)

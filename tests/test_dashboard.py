@@ -1,0 +1,194 @@
+"""`devit-mq dashboard`: the page and its JSON over real processes, and a real headless Chromium that
+watches an edge go from ready to down after a SIGKILL.
+
+The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them when
+it runs as root with apt-get) and selenium (the ``dev`` extra); without them it skips and says which
+is missing. It leaves a screenshot at ``tests/artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from devit_mq.nodes.launcher import Launcher
+
+from .runtime_helpers import images, make_bundle, one_error_line, write_topology
+
+CLI = [sys.executable, "-m", "devit_mq.cli"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = os.environ.get("DEVIT_MQ_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("DEVIT_MQ_CHROMEDRIVER", "/usr/bin/chromedriver")
+# the network here is closed: without these, Chromium keeps trying to reach Google's services
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1200,620")
+
+
+class DashboardProcess:
+    """`devit-mq dashboard TOPOLOGY --port 0` as a subprocess; ``url`` once it listens."""
+
+    def __init__(self, topo: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen([*CLI, "dashboard", str(topo), "--port", "0", *extra], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [self.err.append(line) for line in self.proc.stderr], daemon=True).start()
+        line = self.lines.get(timeout=30)
+        assert " on http://" in line, line + "".join(self.err)
+        self.url = line.split(" on ", 1)[1].split()[0]
+
+    def state(self) -> dict:
+        with urllib.request.urlopen(self.url + "api/state", timeout=5) as r:
+            return json.loads(r.read())
+
+    def wait_state(self, check, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if check(state) or time.monotonic() > deadline:
+                return state
+            time.sleep(0.3)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+@pytest.mark.timeout(60)
+def test_dashboard_without_a_topology_running_shows_it_unreachable_and_stops_on_sigterm(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml", make_bundle(tmp_path / "bundle"))  # nothing started
+    board = DashboardProcess(topo, "--timeout", "0.3")
+    try:
+        with urllib.request.urlopen(board.url, timeout=5) as r:
+            html = r.read().decode()
+        assert 'id="banner"' in html and 'id="diagram"' in html
+        assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # no external asset
+        state = board.wait_state(lambda s: s["reachable"] is not None)
+        assert state["reachable"] is False and state["exit_code"] == 2
+        assert [n["state"] for n in state["nodes"]] == ["unreachable"] * 3
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(board.url + "nope", timeout=5)
+    finally:
+        code = board.stop()
+    assert code == 0, "".join(board.err)
+    assert "dashboard stopped" in "".join(iter_queue(board.lines))
+
+
+def iter_queue(q: queue.Queue) -> list[str]:
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_dashboard_port_in_use_and_malformed_topology_are_one_line_errors(tmp_path):
+    topo = write_topology(tmp_path / "t.yaml", make_bundle(tmp_path / "bundle"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([*CLI, "dashboard", str(topo), "--port", str(port)], capture_output=True, text=True,
+                             timeout=30)
+    assert out.returncode == 2 and "already in use" in one_error_line(out)
+    (tmp_path / "bad.yaml").write_text("edges: [\n")
+    out = subprocess.run([*CLI, "dashboard", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "bad.yaml" in one_error_line(out)
+
+
+# -- the browser test -------------------------------------------------------------------------------
+def _browser_missing() -> str | None:
+    missing = []
+    if not (Path(CHROMIUM).is_file() or shutil.which("chromium")):
+        missing.append(f"Chromium ({CHROMIUM}; Debian package 'chromium')")
+    if not (Path(CHROMEDRIVER).is_file() or shutil.which("chromedriver")):
+        missing.append(f"chromedriver ({CHROMEDRIVER}; Debian package 'chromium-driver')")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[dev]')")
+    return f"headless browser test needs {' and '.join(missing)}" if missing else None
+
+
+def _chromium(user_data_dir: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={user_data_dir}")  # a fresh profile: nothing cached, nothing synced
+    driver_path = CHROMEDRIVER if Path(CHROMEDRIVER).is_file() else shutil.which("chromedriver")
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def _node_states(driver) -> dict[str, str]:
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#diagram [data-node]')]"
+        ".map(e => [e.dataset.node, e.dataset.state]))")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_dashboard_in_headless_chromium_marks_a_killed_edge_down(tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bundle = make_bundle(tmp_path / "bundle")
+    topo = write_topology(tmp_path / "t.yaml", bundle)
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    # a Launcher used in-process supervises nothing: a killed node stays dead (no restart)
+    with Launcher(topo, log_dir=tmp_path / "logs") as launcher:
+        board = DashboardProcess(topo)
+        driver = None
+        try:
+            driver = _chromium(profile)
+            driver.get(board.url)
+            wait = WebDriverWait(driver, 20, poll_frequency=0.2)
+            wait.until(lambda d: _node_states(d).get("edge0") == "ready" and _node_states(d).get("edge1") == "ready")
+            assert driver.find_element("id", "banner").get_attribute("data-state") == "ready"
+            for _ in range(4):  # some traffic, for the sparklines and link rates
+                launcher.client.predict(images(24), batch_size=4)
+                time.sleep(0.4)
+            state = board.wait_state(lambda s: any((n["now"].get("images_per_s") or 0) > 0 for n in s["nodes"]))
+            edge0 = next(n for n in state["nodes"] if n["name"] == "edge0")
+            assert edge0["now"]["images_per_s"] > 0 and edge0["now"]["p50_ms"] > 0
+
+            edge1 = next(p for p in launcher.processes if p.spec.name == "edge1")
+            os.kill(edge1.proc.pid, signal.SIGKILL)
+            edge1.proc.wait(10)
+            WebDriverWait(driver, 20, poll_frequency=0.2).until(lambda d: _node_states(d).get("edge1") == "down")
+            states = _node_states(driver)
+            assert states["edge0"] == "ready" and states["aggregator"] == "ready", states
+            assert driver.find_element("id", "banner").get_attribute("data-state") == "degraded"
+            assert "edge1 down" in driver.find_element("id", "banner").text
+            launcher.client.predict(images(12), batch_size=4)  # degraded answers, for the picture
+            polls = int(driver.find_element("tag name", "body").get_attribute("data-polls"))
+            wait.until(lambda d: int(d.find_element("tag name", "body").get_attribute("data-polls")) >= polls + 2)
+            ARTIFACTS.mkdir(exist_ok=True)
+            assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        finally:
+            if driver is not None:
+                driver.quit()
+            assert board.stop() == 0, "".join(board.err)
