@@ -35,7 +35,7 @@ CHROMEDRIVER = os.environ.get("DEVIT_MQ_CHROMEDRIVER", "/usr/bin/chromedriver")
 # the network here is closed: without these, Chromium keeps trying to reach Google's services
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1200,620")
+                  "--disable-dev-shm-usage", "--window-size=1200,760")
 
 
 class DashboardProcess:
@@ -117,6 +117,36 @@ def test_dashboard_port_in_use_and_malformed_topology_are_one_line_errors(tmp_pa
     assert out.returncode == 2 and "bad.yaml" in one_error_line(out)
 
 
+def test_dashboard_rates_come_from_counter_deltas_and_a_restart_is_no_negative_rate(tmp_path):
+    from devit_mq.nodes.dashboard import Dashboard
+    from devit_mq.nodes.status import build_report, load
+    from devit_mq.protocol import Status, Telemetry
+
+    topo = load(write_topology(tmp_path / "t.yaml", make_bundle(tmp_path / "bundle")))
+    board = Dashboard(topo)
+
+    def report(answered: int, images: int, heard: float = 0.2):
+        nodes = {"aggregator": Telemetry(node="aggregator", counters={"answered": answered, "errors.overloaded": 1}),
+                 "edge0": Telemetry(node="edge0", counters={"images": images}, bytes={"other->edge0": 10 * images}),
+                 "edge1": Telemetry(node="edge1", counters={"images": images})}
+        return build_report(topo, Status(ready=[0, 1], parts=2, nodes=nodes, last_heard_s=[heard, 9.0],
+                                         silence_s=3.0))
+
+    first = board.update(report(10, 20), now=100.0)
+    assert first["nodes"][0]["now"]["answers_per_s"] is None  # nothing to compare with yet
+    state = board.update(report(30, 60), now=102.0)
+    agg, edge0, edge1 = state["nodes"]
+    assert agg["now"]["answers_per_s"] == 10.0 and agg["now"]["errors_per_s"] == 0.0
+    assert edge0["now"]["images_per_s"] == 20.0 and edge0["series"]["images_per_s"] == [None, 20.0]
+    assert edge1["state"] == "down" and edge1["now"]["p50_ms"] is None
+    links = {(link["from"], link["to"]): link for link in state["links"]}
+    assert links[("clients", "edge0")]["bytes_per_s"] == 200.0 and links[("clients", "edge1")]["state"] == "down"
+    restarted = board.update(report(2, 4), now=103.0)  # the aggregator started over: counters from 0
+    assert restarted["nodes"][0]["now"]["answers_per_s"] == 0.0
+    gone = board.update(build_report(topo, None, error="no connection"), now=104.0)
+    assert gone["reachable"] is False and gone["nodes"][1]["series"]["images_per_s"][-1] is None
+
+
 # -- the browser test -------------------------------------------------------------------------------
 def _browser_missing() -> str | None:
     missing = []
@@ -144,6 +174,27 @@ def _chromium(user_data_dir: str):
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+class Traffic:
+    """A thread that classifies a few images every 0.2 s through ``client`` (which only it uses)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.answered = self.degraded = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            pred = self.client.predict(images(4), batch_size=2)
+            self.answered += sum(a.ok for a in pred.answers)
+            self.degraded += pred.degraded
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
 def _node_states(driver) -> dict[str, str]:
     return driver.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('#diagram [data-node]')]"
@@ -161,16 +212,14 @@ def test_dashboard_in_headless_chromium_marks_a_killed_edge_down(tmp_path):
     # a Launcher used in-process supervises nothing: a killed node stays dead (no restart)
     with Launcher(topo, log_dir=tmp_path / "logs") as launcher:
         board = DashboardProcess(topo)
-        driver = None
+        driver = traffic = None
         try:
             driver = _chromium(profile)
             driver.get(board.url)
             wait = WebDriverWait(driver, 20, poll_frequency=0.2)
             wait.until(lambda d: _node_states(d).get("edge0") == "ready" and _node_states(d).get("edge1") == "ready")
             assert driver.find_element("id", "banner").get_attribute("data-state") == "ready"
-            for _ in range(4):  # some traffic, for the sparklines and link rates
-                launcher.client.predict(images(24), batch_size=4)
-                time.sleep(0.4)
+            traffic = Traffic(launcher.client)  # light steady load: sparklines, link rates, degraded answers
             state = board.wait_state(lambda s: any((n["now"].get("images_per_s") or 0) > 0 for n in s["nodes"]))
             edge0 = next(n for n in state["nodes"] if n["name"] == "edge0")
             assert edge0["now"]["images_per_s"] > 0 and edge0["now"]["p50_ms"] > 0
@@ -183,12 +232,14 @@ def test_dashboard_in_headless_chromium_marks_a_killed_edge_down(tmp_path):
             assert states["edge0"] == "ready" and states["aggregator"] == "ready", states
             assert driver.find_element("id", "banner").get_attribute("data-state") == "degraded"
             assert "edge1 down" in driver.find_element("id", "banner").text
-            launcher.client.predict(images(12), batch_size=4)  # degraded answers, for the picture
             polls = int(driver.find_element("tag name", "body").get_attribute("data-polls"))
             wait.until(lambda d: int(d.find_element("tag name", "body").get_attribute("data-polls")) >= polls + 2)
             ARTIFACTS.mkdir(exist_ok=True)
             assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+            assert traffic.answered > 0 and traffic.degraded > 0
         finally:
+            if traffic is not None:
+                traffic.stop()
             if driver is not None:
                 driver.quit()
             assert board.stop() == 0, "".join(board.err)

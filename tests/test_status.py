@@ -55,6 +55,7 @@ def test_status_ready_then_degraded_after_an_edge_is_killed(tmp_path):
 
         # probes bind no client name: a client that says hello under a probe's name is not refused
         probe = StatusProbe(load(topo))
+        assert set(probe.node.transport._links) == {"aggregator"}  # no connection to any edge
         assert probe.query(5) is not None
         with Client(topo, name=probe.name, timeout_s=10) as same_name:
             assert len(same_name.predict(images(1)).answers) == 1
@@ -76,6 +77,7 @@ def test_status_ready_then_degraded_after_an_edge_is_killed(tmp_path):
         assert "edge1 down" in report["summary"]
         text = status(topo)
         assert text.returncode == 1 and "DEGRADED" in text.stdout.splitlines()[0]
+        assert status(topo, "--degraded-ok").returncode == 0  # a liveness probe: the aggregator answers
 
 
 @pytest.mark.timeout(60)
@@ -99,6 +101,7 @@ def test_status_unreachable_is_fast_and_a_malformed_topology_is_one_line(tmp_pat
     out = status(tmp_path / "bad.yaml")
     assert out.returncode == 2
     assert "bad.yaml" in one_error_line(out)
+    assert status(topo, "--timeout", "0.5", "--degraded-ok").returncode == 2
     out = status(tmp_path / "missing.yaml")
     assert out.returncode == 2 and "does not exist" in one_error_line(out)
 

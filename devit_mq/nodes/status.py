@@ -9,7 +9,8 @@ telemetry of every node (its own and the edges' heartbeats).
 
 Exit codes (what a Docker ``HEALTHCHECK`` or a Kubernetes exec probe reads): 0 every part ready,
 1 the aggregator answers but an edge is missing or silent (degraded answers), 2 the aggregator does
-not answer within ``--timeout`` (or the topology file is unusable).
+not answer within ``--timeout`` (or the topology file is unusable). ``--degraded-ok`` turns 1 into 0,
+for liveness probes. The probe connects to the aggregator only, never to an edge.
 
 :class:`StatusProbe` keeps its connection open between queries, for the dashboard's poller.
 """
@@ -106,14 +107,19 @@ class StatusProbe:
     (None when it does not answer in time). It never says hello, so it binds no client name."""
 
     def __init__(self, topology: Topology, name: str | None = None, send_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        from devit_mq.transport import open_transport
+        from dataclasses import replace
+
+        from devit_mq.transport.zmq import ZmqTransport
 
         from .client import ClientNode
         from .runtime import roster, wire_limits
 
         self.topology = topology
         self.name = name or probe_name(topology)
-        transport = open_transport(topology, self.name, send_timeout=max(0.05, send_timeout_s))
+        # the aggregator only: a probe opens no connection to any edge
+        plan = topology.route_plan(self.name)
+        plan = replace(plan, links=tuple(link for link in plan.links if link.peer == topology.aggregator.name))
+        transport = ZmqTransport(topology, self.name, send_timeout=max(0.05, send_timeout_s), plan=plan)
         self.node = ClientNode(self.name, transport, roster(topology), limits=wire_limits(topology))
         self.problem: str | None = None
 
@@ -290,6 +296,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds to wait for the aggregator (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--degraded-ok", action="store_true",
+                   help="exit 0 also when degraded: only an unreachable aggregator fails (a liveness probe "
+                        "that must not restart the aggregator because an edge is down)")
     args = p.parse_args(argv)
     from .cli import _fail, _one_line, _user_errors
 
@@ -301,6 +310,8 @@ def main(argv: list[str]) -> int:
     except _user_errors() as exc:
         return _fail(_one_line(exc))
     print(render_json(report) if args.json else render_text(report), flush=True)
+    if args.degraded_ok and report.exit_code == EXIT_DEGRADED:
+        return EXIT_READY
     return report.exit_code
 
 
