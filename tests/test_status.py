@@ -122,3 +122,21 @@ def test_status_over_curve(tmp_path):
         assert probe.name.startswith("admin.")
         assert probe.query(5) is not None
         probe.close()
+
+
+def test_edge_states_from_a_status_reply(tmp_path):
+    from devit_mq.nodes.status import build_report, render_text
+    from devit_mq.protocol import Status
+
+    topo = load(write_topology(tmp_path / "t.yaml", make_bundle(tmp_path / "bundle"), n_edges=3))
+    # part 0 heard 0.2 s ago, part 1 said ready but has been silent 7 s, part 2 never heard from
+    report = build_report(topo, Status(ready=[0, 1], parts=3, last_heard_s=[0.2, 7.0, -1.0], silence_s=3.0))
+    assert [(n.name, n.state, n.last_heard_s) for n in report.edges] == [
+        ("edge0", "ready", 0.2), ("edge1", "down", 7.0), ("edge2", "never", None)]
+    assert report.exit_code == 1 and report.summary == "DEGRADED: 1 of 3 edges ready; edge1 down, edge2 never"
+    text = render_text(report)
+    assert text.splitlines()[0].startswith("t: DEGRADED") and len(text.splitlines()) == 2 + 4  # summary, columns, nodes
+    # an edge heard from within the window but that never said ready is not ready either
+    report = build_report(topo, Status(ready=[0, 2], parts=3, last_heard_s=[0.2, 0.1, 0.3], silence_s=3.0))
+    assert [n.state for n in report.edges] == ["ready", "down", "ready"]
+    assert build_report(topo, Status(ready=[0, 1, 2], parts=3, last_heard_s=[0.1] * 3, silence_s=3.0)).exit_code == 0
