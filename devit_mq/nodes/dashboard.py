@@ -227,6 +227,7 @@ def main(argv: list[str]) -> int:
 
     try:
         topology = load(args.topology)
+        StatusProbe(topology).close()  # missing CURVE keys are a one-line error now, not a warning per poll
     except _user_errors() as exc:
         return _fail(_one_line(exc))
     board = Dashboard(topology, args.timeout)

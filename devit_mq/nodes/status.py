@@ -282,7 +282,7 @@ def load(path: str | Path) -> Topology:
 
     topology = load_topology(path, check_bundle=False)
     if topology.transport != "zmq":
-        raise TopologyError([("transport", f"is {topology.transport!r}: status queries need a ZeroMQ topology "
+        raise TopologyError([("transport", f"status queries need a ZeroMQ topology, this one is {topology.transport!r} "
                                            "(an MPI job reports through its client rank)")], topology.source)
     return topology
 
