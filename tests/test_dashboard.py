@@ -1,9 +1,10 @@
 """`devit-mq dashboard`: the page and its JSON over real processes, and a real headless Chromium that
-watches an edge go from ready to down after a SIGKILL.
+watches an edge go from ready to down after a SIGKILL, then the aggregator's loss (the banner).
 
 The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them when
 it runs as root with apt-get) and selenium (the ``dev`` extra); without them it skips and says which
-is missing. It leaves a screenshot at ``tests/artifacts/dashboard.png``.
+is missing. It leaves screenshots at ``tests/artifacts/dashboard.png`` (an edge down) and
+``tests/artifacts/dashboard-unreachable.png``.
 """
 
 from __future__ import annotations
@@ -236,7 +237,16 @@ def test_dashboard_in_headless_chromium_marks_a_killed_edge_down(tmp_path):
             wait.until(lambda d: int(d.find_element("tag name", "body").get_attribute("data-polls")) >= polls + 2)
             ARTIFACTS.mkdir(exist_ok=True)
             assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+            traffic.stop()
             assert traffic.answered > 0 and traffic.degraded > 0
+
+            aggregator = next(p for p in launcher.processes if p.spec.name == "aggregator")
+            os.kill(aggregator.proc.pid, signal.SIGKILL)
+            aggregator.proc.wait(10)
+            wait.until(lambda d: d.find_element("id", "banner").get_attribute("data-state") == "unreachable")
+            assert "Aggregator unreachable: aggregator at tcp://" in driver.find_element("id", "banner").text
+            assert set(_node_states(driver).values()) == {"unreachable"}
+            assert driver.save_screenshot(str(ARTIFACTS / "dashboard-unreachable.png"))
         finally:
             if traffic is not None:
                 traffic.stop()

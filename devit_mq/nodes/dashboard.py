@@ -81,7 +81,7 @@ class Dashboard:
         return {"topology": t.name, "time": time.time(), "reachable": None, "exit_code": None,
                 "summary": "waiting for the first status reply", "poll_s": POLL_S, "nodes": [], "links": [],
                 "edges": [e.name for e in sorted(t.edges, key=lambda e: e.submodel or 0)],
-                "aggregator": t.aggregator.name, "series_titles": SERIES}
+                "aggregator": t.aggregator.name, "endpoint": t.aggregator.connect_endpoint, "series_titles": SERIES}
 
     # -- polling ----------------------------------------------------------------------------------
     def start(self) -> None:
