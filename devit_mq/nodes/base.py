@@ -91,6 +91,7 @@ class NodeBase:
         self.last_peer: Peer | None = None  # who sent the message :meth:`receive` returned last
         self._last_work = time.monotonic()  # when the last request-carrying message arrived
         self._idle = False  # what the transport was last told (set_idle)
+        self.metrics_server = None  # a Prometheus endpoint (devit_mq.metrics.prometheus), when one serves
 
     # -- messaging -----------------------------------------------------------------------------
     def link_name(self, peer: str) -> str:
@@ -140,6 +141,10 @@ class NodeBase:
     def in_flight(self) -> bool:
         """Whether this node holds work it expects more messages for (a subclass says)."""
         return False
+
+    def queue_depth(self) -> int:
+        """Requests this node holds right now (a subclass says): the ``queue_depth`` gauge."""
+        return 0
 
     def _hint_idle(self) -> None:
         idle = not self.in_flight() and time.monotonic() - self._last_work > IDLE_AFTER_S
@@ -203,4 +208,6 @@ class NodeBase:
 
     def close(self) -> None:
         self.running = False
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.transport.close()
