@@ -8,7 +8,14 @@ import logging
 
 import pytest
 
-from devit_mq.logs import JsonFormatter, RateLimitedLog, add_log_arguments, configure_logging, log_arguments, log_level
+from devit_mq.logs import (
+    JsonFormatter,
+    RateLimitedLog,
+    add_log_arguments,
+    configure_logging,
+    log_arguments,
+    log_level,
+)
 
 
 def _parse(argv: list[str], default: str = "warning") -> argparse.Namespace:
