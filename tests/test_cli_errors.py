@@ -191,3 +191,37 @@ def test_infer_classifies_a_folder_and_a_pattern_like_the_files(files, tmp_path)
     assert len(by_file) == 3 and all(r["error"] is None for r in by_file)
     assert empty.returncode == 1 and "logs: folder has no image files" in empty.stderr
     assert len(empty.stdout.splitlines()) == 3
+
+
+@pytest.mark.timeout(180)
+def test_one_topology_file_for_hosts_that_keep_the_bundle_elsewhere(files, tmp_path):
+    """`node` and `infer` take this host's bundle (--bundle, or DEVIT_MQ_BUNDLE) in place of the file's."""
+    import os
+    import signal
+
+    raw = yaml.safe_load((files / "t.yaml").read_text())
+    real = raw["bundle"]
+    raw["bundle"] = "/srv/devit/bundle-not-on-this-host"
+    topo = tmp_path / "site.yaml"
+    topo.write_text(yaml.safe_dump(raw))
+    out = run("infer", str(topo), str(files / "ok0.png"))
+    assert out.returncode == 2
+    one_error_line(out, "bundle", "bundle-not-on-this-host")
+    env = dict(os.environ, DEVIT_MQ_BUNDLE=real)
+    procs = [subprocess.Popen([*CLI, "node", str(topo), "--name", "aggregator", "--bundle", real],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    procs += [subprocess.Popen([*CLI, "node", str(topo), "--name", name], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for name in ("edge0", "edge1")]
+    try:
+        out = run("infer", str(topo), str(files / "ok0.png"), "--bundle", real, "--json", "--timeout", "60",
+                  timeout=120)
+        assert out.returncode == 0, out.stderr
+        row = json.loads(out.stdout)
+        assert row["error"] is None and row["degraded"] is False
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read() for p in procs]

@@ -56,11 +56,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (TopologyError, TransportError, BundleError, ExecutorError, FileNotFoundError, PermissionError)
 
 
+# -- where this host keeps the bundle and the keys ---------------------------------------------------
+ENV_BUNDLE = "DEVIT_MQ_BUNDLE"
+ENV_KEYS_DIR = "DEVIT_MQ_KEYS_DIR"
+
+
+def add_site_arguments(p: argparse.ArgumentParser) -> None:
+    """``--bundle`` and ``--keys-dir``: this host's paths, in place of the topology file's (so one
+    file serves every host of a deployment; a container sets the environment variables)."""
+    p.add_argument("--bundle", default=os.environ.get(ENV_BUNDLE) or None,
+                   help=f"this host's bundle directory, instead of the topology's 'bundle' (env {ENV_BUNDLE})")
+    p.add_argument("--keys-dir", default=os.environ.get(ENV_KEYS_DIR) or None,
+                   help=f"this host's CURVE keys, instead of 'security.keys_dir' (env {ENV_KEYS_DIR})")
+
+
+def load_site_topology(args: argparse.Namespace):
+    from devit_mq.topology import load_topology
+
+    return load_topology(args.topology, bundle=args.bundle, keys_dir=args.keys_dir)
+
+
 # -- node ---------------------------------------------------------------------------------------------
 def run_node(topology_path: str | Path, name: str, wrap: Callable[[Any], Any] | None = None,
-             describe: Callable[[Any], str] | None = None) -> int:
+             describe: Callable[[Any], str] | None = None, bundle: str | None = None,
+             keys_dir: str | None = None) -> int:
     """Run node ``name`` of a ZeroMQ topology until it is told to stop. ``wrap`` (optional) wraps its
-    transport (fault injection uses it). Returns the exit code."""
+    transport (fault injection uses it); ``bundle``/``keys_dir`` replace the file's paths (this
+    host's). Returns the exit code."""
     from devit_mq.topology import load_topology
     from devit_mq.transport import open_transport
 
@@ -70,7 +92,7 @@ def run_node(topology_path: str | Path, name: str, wrap: Callable[[Any], Any] | 
     _node_start_hook()
     errors = _user_errors()
     try:
-        topology = load_topology(topology_path)
+        topology = load_topology(topology_path, bundle=bundle, keys_dir=keys_dir)
         spec = topology.node(name)
         if topology.transport != "zmq":
             return _fail(f"{topology_path}: transport is {topology.transport!r}; run MPI topologies with "
@@ -101,10 +123,11 @@ def main_node(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq node", description="Run one node of a ZeroMQ topology.")
     p.add_argument("topology")
     p.add_argument("--name", required=True, help="the node's name in the topology")
+    add_site_arguments(p)
     add_log_arguments(p, default_level="info")
     args = p.parse_args(argv)
     setup_logging(args, node=args.name)
-    return run_node(args.topology, args.name)
+    return run_node(args.topology, args.name, bundle=args.bundle, keys_dir=args.keys_dir)
 
 
 # -- launch -------------------------------------------------------------------------------------------
@@ -278,14 +301,13 @@ def main_infer(argv: list[str]) -> int:
     p.add_argument("-r", "--recursive", action="store_true", help="folders: also their sub-folders")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    add_site_arguments(p)
     args = p.parse_args(argv)
-    from devit_mq.topology import load_topology
-
     from .client import ClientError
     from .runtime import Client
 
     try:
-        topology = load_topology(args.topology)
+        topology = load_site_topology(args)
     except _user_errors() as exc:
         return _fail(_one_line(exc))
     paths, empty = expand_inputs(args.images, args.recursive)
