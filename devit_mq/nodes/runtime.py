@@ -194,3 +194,18 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def precompile() -> None:
+    """Compile and cache every Numba kernel a node runs: the wire codecs and the ``numba``
+    executor's (on the shipped default bundle: kernels are compiled per element type, not per
+    model size). What a container image runs at build time, so that its nodes start warm (about
+    1 s to ready instead of 14 s); needs a writable ``NUMBA_CACHE_DIR`` or package folder."""
+    from devit_mq.model import load_manifest
+    from devit_mq.topology import resolve_bundle
+
+    from .executor import build_edge_executor
+
+    warmup()
+    bundle = resolve_bundle("default", Path.cwd())
+    build_edge_executor("numba", bundle, 0, load_manifest(bundle))
