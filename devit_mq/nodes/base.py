@@ -108,16 +108,17 @@ class NodeBase:
 
     def broadcast(self, peers: list[str], msg: Message) -> dict[str, Sent]:
         """The same message to several nodes, encoded once (a client's image to every edge)."""
-        frames = self._encode(msg, ", ".join(peers))
+        frames = self._encode(msg, peers)
         return {p: Sent.FAILED if frames is None else self.send_frames(p, frames, msg.kind) for p in peers}
 
-    def _encode(self, msg: Message, peer: str | Peer) -> list[bytes] | None:
+    def _encode(self, msg: Message, to: str | Peer | list[str]) -> list[bytes] | None:
         try:
             return encode(msg)
         except WireError as exc:
             self.metrics.count("encode_failed")
+            who = ", ".join(to) if isinstance(to, list) else to  # named only when it is logged
             self.log.warning(f"encode.{msg.kind.name}", "%s: cannot encode %s for %s: %s", self.name,
-                             msg.kind.name, peer, exc)
+                             msg.kind.name, who, exc)
             return None
 
     def send_frames(self, peer: str | Peer, frames: list[bytes], kind: Kind, expect_failure: bool = False) -> Sent:
