@@ -265,3 +265,13 @@ def test_wrong_checksum_unknown_op_and_forged_reply_to_are_dropped_and_nodes_kee
                 break
             time.sleep(0.3)
         assert grew == expected
+
+
+@pytest.mark.timeout(60)
+def test_the_worked_example_image_is_answered_bad_input_as_the_document_says(live):
+    topology = live["topology"]
+    with sc.SpecClient(topology.aggregator.connect_endpoint, [e.connect_endpoint for e in topology.edges],
+                       "spec-bad-input", timeout_s=30) as client:
+        client.connect(30)
+        answer = client.answer(client.submit(EXAMPLES["image"].array[0]))
+    assert answer["error"].startswith("bad_input: edge") and "image shape (1, 2, 2, 1)" in answer["error"]
