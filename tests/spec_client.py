@@ -9,7 +9,10 @@ aggregator's RESULT (float32 probabilities) or ERROR.
         --edge tcp://127.0.0.1:5611 --name client-1 --images digits.npy [--out answers.json]
 
 ``--images`` is a .npy file of uint8 images [N, H, W, C]; the answers are printed (or written to
-``--out``) as JSON: the status reply and one entry per image, in order.
+``--out``) as JSON: the status reply and one entry per image, in order. Under CURVE, give the keys
+folder (``--keys DIR``: this client's ``KEY.key_secret`` and the servers' ``NAME.key``), the key
+(``--key``, default: the name up to its first dot) and each server's name: ``--aggregator
+aggregator=tcp://...``, ``--edge edge0=tcp://...``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
+import zmq.auth
 
 WIRE_VERSION = 3
 IMAGE, FEATURES, RESULT, ERROR, HEARTBEAT, CONTROL = 1, 2, 3, 4, 5, 6
@@ -127,23 +131,40 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
 class SpecClient:
     """One DEALER to the aggregator (hello, status, answers), one PUSH per edge (images)."""
 
-    def __init__(self, aggregator: str, edges: list[str], name: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, aggregator: str, edges: list[str], name: str, timeout_s: float = 30.0,
+                 keys_dir: str | None = None, key: str | None = None) -> None:
+        """Endpoints are ``ENDPOINT`` or ``NAME=ENDPOINT``; with ``keys_dir`` (CURVE) every server
+        needs its NAME, whose public key is ``keys_dir/NAME.key``."""
         self.name, self.timeout_s = name, timeout_s
         self.ctx = zmq.Context()
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.identity = os.urandom(16)  # random routing id: answers follow the hello's connection
-        self.dealer.linger = 0
-        self.dealer.connect(aggregator)
-        self.pushes = []
-        for endpoint in edges:
-            push = self.ctx.socket(zmq.PUSH)
-            push.linger = 0
-            push.sndtimeo = int(timeout_s * 1000)
-            push.connect(endpoint)
-            self.pushes.append(push)
+        self.curve = None
+        if keys_dir is not None:
+            public, secret = zmq.auth.load_certificate(os.path.join(keys_dir, f"{key or name.split('.')[0]}.key_secret"))
+            self.curve = (keys_dir, public, secret)
+        self.dealer = self._socket(zmq.DEALER, aggregator)
+        self.pushes = [self._socket(zmq.PUSH, edge) for edge in edges]
         self.ids = itertools.count(secrets.randbits(40) << 16)  # unique per client, random base
         self.status: dict[str, Any] = {}
         self.aggregator_name: str | None = None
+
+    def _socket(self, kind: int, server: str) -> zmq.Socket:
+        """A socket connected to ``server`` (``[NAME=]ENDPOINT``)."""
+        name, eq, endpoint = server.partition("=")
+        if not eq or "://" in name:
+            name, endpoint = "", server
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        if kind == zmq.DEALER:
+            sock.identity = os.urandom(16)  # a random routing id: answers follow the hello's connection
+        else:
+            sock.sndtimeo = int(self.timeout_s * 1000)
+        if self.curve is not None:
+            keys_dir, sock.curve_publickey, sock.curve_secretkey = self.curve
+            if not name:
+                raise ProtocolError(f"CURVE needs the server's name: NAME=ENDPOINT, got {server!r}")
+            sock.curve_serverkey, _ = zmq.auth.load_certificate(os.path.join(keys_dir, f"{name}.key"))
+        sock.connect(endpoint)
+        return sock
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
@@ -231,15 +252,17 @@ class SpecClient:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--aggregator", required=True, help="the aggregator's endpoint, e.g. tcp://127.0.0.1:5600")
-    p.add_argument("--edge", action="append", required=True, help="an edge's endpoint (once per edge)")
+    p.add_argument("--aggregator", required=True, help="the aggregator's [NAME=]ENDPOINT, e.g. tcp://127.0.0.1:5600")
+    p.add_argument("--edge", action="append", required=True, help="an edge's [NAME=]ENDPOINT (once per edge)")
+    p.add_argument("--keys", help="CURVE: the keys folder (NAME=ENDPOINT needed for every server)")
+    p.add_argument("--key", help="CURVE: this client's key name (default: --name up to its first dot)")
     p.add_argument("--name", required=True, help="this client's name (letters, digits, '_.-')")
     p.add_argument("--images", required=True, help=".npy file of uint8 images [N, H, W, C]")
     p.add_argument("--out", help="write the JSON answers here instead of stdout")
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
     images = np.load(args.images, allow_pickle=False)
-    with SpecClient(args.aggregator, args.edge, args.name, args.timeout) as client:
+    with SpecClient(args.aggregator, args.edge, args.name, args.timeout, args.keys, args.key) as client:
         status = client.connect(args.timeout)
         answers = client.classify(images)
     foreign = sorted(m for m in sys.modules if m == "devit_mq" or m.startswith(("devit_mq.", "tests")))

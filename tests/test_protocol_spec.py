@@ -38,6 +38,7 @@ from devit_mq.protocol import (
 )
 from devit_mq.topology import load_topology
 from devit_mq.topology.load import PACKAGE_BUNDLES
+from devit_mq.transport.security import create_keys
 from devit_mq.wire import RAW_DTYPES, Message, decode, encode
 from devit_mq.wire.message import _Header
 
@@ -148,18 +149,23 @@ def test_spec_client_imports_nothing_but_stdlib_msgpack_zmq_numpy():
 
 # -- against a live topology ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def write_spec_topology(path: Path, **extra) -> Path:
     """The shipped default bundle (real MNIST weights) on two edges and an aggregator, torch-free."""
-    tmp = tmp_path_factory.mktemp("spec")
     ports = free_ports(3)
-    topo_path = tmp / "spec.yaml"
-    topo_path.write_text(yaml.safe_dump({
-        "name": "spec", "bundle": "default", "transport": "zmq", "codec": "int8", "image_codec": "raw",
+    path.write_text(yaml.safe_dump({
+        "name": path.stem, "bundle": "default", "transport": "zmq", "codec": "int8", "image_codec": "raw",
         "defaults": {"threads": 1, "attention": "auto", "executor": "numpy", "max_batch": 8, "max_wait_ms": 0.0},
         "aggregator": {"name": "aggregator", "host": "127.0.0.1", "port": ports[0], "deadline_ms": 5000},
         "edges": [{"name": f"edge{i}", "submodel": i, "host": "127.0.0.1", "port": ports[i + 1]} for i in range(2)],
+        **extra,
     }, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spec")
+    topo_path = write_spec_topology(tmp / "spec.yaml")
     manifest = json.loads((PACKAGE_BUNDLES / "default" / "manifest.json").read_text())
     data = load_dataset(**manifest["metadata"]["dataset"])
     pick = np.linspace(0, len(data.test_labels) - 1, DIGITS).astype(int)  # the split is sorted by class: spread out
@@ -275,3 +281,26 @@ def test_the_worked_example_image_is_answered_bad_input_as_the_document_says(liv
         client.connect(30)
         answer = client.answer(client.submit(EXAMPLES["image"].array[0]))
     assert answer["error"].startswith("bad_input: edge") and "image shape (1, 2, 2, 1)" in answer["error"]
+
+
+@pytest.mark.timeout(120)
+def test_spec_client_under_curve_with_the_shared_client_key(live, tmp_path):
+    keys = tmp_path / "keys"
+    create_keys(keys, ["aggregator", "edge0", "edge1", "admin", "client"])
+    topo_path = write_spec_topology(tmp_path / "curve.yaml", security={"curve": True, "keys_dir": str(keys)})
+    images = live["images"][:4]
+    with Launcher(topo_path, log_dir=tmp_path / "logs", ready_timeout_s=60) as launcher:
+        topology = launcher.topology
+        servers = [f"{e.name}={e.connect_endpoint}" for e in topology.edges]
+        aggregator = f"aggregator={topology.aggregator.connect_endpoint}"
+        # the shared "client" key may go by "client.SUFFIX" ...
+        with sc.SpecClient(aggregator, servers, "client.spec", timeout_s=20, keys_dir=str(keys)) as client:
+            assert client.connect(20)["ready"] == [0, 1]
+            answers = client.classify(images)
+        reference = launcher.client.predict(images, batch_size=1, window=1)
+        assert [a["label"] for a in answers] == reference.labels.tolist()
+        np.testing.assert_allclose(np.array([a["probs"] for a in answers]), reference.probabilities, atol=1e-6)
+        # ... but not by a name of its own choosing: that hello is refused and answered by nobody
+        with sc.SpecClient(aggregator, servers, "mallory", timeout_s=2, keys_dir=str(keys), key="client") as liar:
+            with pytest.raises(sc.ProtocolError, match="no ready status reply"):
+                liar.connect(1.5)
