@@ -3,10 +3,15 @@
 # its own host (the one its `host:` names). This script prints those commands, or runs them over ssh.
 #
 #   launch/zmq-multihost.sh topologies/multihost.yaml            # print the command for each host
-#   launch/zmq-multihost.sh topologies/multihost.yaml --ssh      # start them: ssh HOST 'cd REPO && ...'
+#   launch/zmq-multihost.sh topologies/multihost.yaml --ssh      # start them over ssh
 #
-# REMOTE_REPO sets the repository path on the hosts (default: this repository's path). Start order
-# does not matter: ZeroMQ reconnects, and nodes wait for their peers' handshake.
+# Nothing assumes the hosts share this machine's layout; each host needs `pip install devit-mq`, the
+# topology file, the bundle and (with CURVE) its keys, wherever it keeps them:
+#   REMOTE_DEVIT     the command on the hosts        (default: devit-mq, i.e. on their PATH)
+#   REMOTE_TOPOLOGY  the topology file on the hosts  (default: /etc/devit-mq/topology.yaml)
+#   REMOTE_BUNDLE    the bundle folder on the hosts  (default: none, the topology's `bundle:`)
+#   REMOTE_KEYS_DIR  the CURVE keys on the hosts     (default: none, the topology's `security.keys_dir`)
+# Start order does not matter: ZeroMQ reconnects, and nodes wait for their peers' handshake.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -18,19 +23,17 @@ topology="$1"
 mode="${2:-print}"
 devit="$repo/.venv/bin/devit-mq"
 [[ -x "$devit" ]] || devit="$(command -v devit-mq)"
-remote_repo="${REMOTE_REPO:-$repo}"
-# path of the topology relative to the repository, as the hosts see it
-case "$topology" in
-    /*) remote_topology="$topology" ;;
-    *) remote_topology="$(realpath --relative-to="$repo" "$topology")" ;;
-esac
+remote_cmd="${REMOTE_DEVIT:-devit-mq} node ${REMOTE_TOPOLOGY:-/etc/devit-mq/topology.yaml}"
+extra=""
+[[ -n "${REMOTE_BUNDLE:-}" ]] && extra+=" --bundle ${REMOTE_BUNDLE}"
+[[ -n "${REMOTE_KEYS_DIR:-}" ]] && extra+=" --keys-dir ${REMOTE_KEYS_DIR}"
 
 # `devit-mq check --nodes` validates the file and prints: name, role, host, endpoint (tab-separated)
 nodes="$("$devit" check --no-bundle --nodes "$topology")"
 pids=()
 while IFS=$'\t' read -r name role host endpoint; do
     [[ "$role" == client ]] && continue
-    cmd="cd $remote_repo && .venv/bin/devit-mq node $remote_topology --name $name"
+    cmd="$remote_cmd --name $name$extra"
     if [[ "$mode" == --ssh ]]; then
         echo "[$host] $cmd"
         ssh -o BatchMode=yes "$host" "$cmd" &

@@ -139,3 +139,79 @@ def test_infer_goes_on_past_a_bad_file_warns_and_marks_degraded(files, tmp_path)
         assert out.stdout.strip().endswith("[degraded: no features from edge1]"), out.stdout
         row = json.loads(run("infer", str(topo), paths[0], "--json").stdout)
         assert row["degraded"] is True and row["missing"] == ["edge1"]
+
+
+def test_infer_expands_folders_and_patterns(tmp_path):
+    from devit_mq.nodes.cli import expand_inputs
+
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    for name in ("a/2.png", "a/1.JPG", "a/notes.txt", "a/sub/3.png"):
+        (tmp_path / name).write_bytes(b"x")
+    a = str(tmp_path / "a")
+    paths, problems = expand_inputs([a, str(tmp_path / "a" / "1.JPG")])
+    assert paths == [f"{a}/1.JPG", f"{a}/2.png"] and not problems  # sorted, images only, no repeats
+    paths, _ = expand_inputs([a], recursive=True)
+    assert paths == [f"{a}/1.JPG", f"{a}/2.png", f"{a}/sub/3.png"]
+    paths, _ = expand_inputs([f"{tmp_path}/**/*.png"])
+    assert paths == [f"{a}/2.png", f"{a}/sub/3.png"]
+    paths, problems = expand_inputs([str(tmp_path / "empty"), f"{tmp_path}/*.gif", str(tmp_path / "missing.png")])
+    assert paths == [str(tmp_path / "missing.png")]  # a missing file stays: infer reports it by name
+    assert "no image files" in problems[str(tmp_path / "empty")]
+    assert problems[f"{tmp_path}/*.gif"] == "pattern matches no file"
+
+
+@pytest.mark.timeout(180)
+def test_infer_classifies_a_folder_and_a_pattern_like_the_files(files, tmp_path):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, img in enumerate(images(3, seed=5)):
+        Image.fromarray(img[..., 0]).save(folder / f"d{i}.png")
+    topo = files / "t.yaml"
+    with Launcher(topo, log_dir=tmp_path / "logs"):
+        by_file = [json.loads(line) for line in run("infer", str(topo), *sorted(map(str, folder.glob("*.png"))),
+                                                    "--json").stdout.splitlines()]
+        by_folder = run("infer", str(topo), str(folder), "--json")
+        by_glob = run("infer", str(topo), f"{tmp_path}/**/d*.png", "--json")
+        empty = run("infer", str(topo), str(folder), str(tmp_path / "logs"))  # a folder without images
+    for out in (by_folder, by_glob):
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [(r["image"], r["label"]) for r in rows] == [(r["image"], r["label"]) for r in by_file]
+    assert len(by_file) == 3 and all(r["error"] is None for r in by_file)
+    assert empty.returncode == 1 and "logs: folder has no image files" in empty.stderr
+    assert len(empty.stdout.splitlines()) == 3
+
+
+@pytest.mark.timeout(180)
+def test_one_topology_file_for_hosts_that_keep_the_bundle_elsewhere(files, tmp_path):
+    """`node` and `infer` take this host's bundle (--bundle, or DEVIT_MQ_BUNDLE) in place of the file's."""
+    import os
+    import signal
+
+    raw = yaml.safe_load((files / "t.yaml").read_text())
+    real = raw["bundle"]
+    raw["bundle"] = "/srv/devit/bundle-not-on-this-host"
+    topo = tmp_path / "site.yaml"
+    topo.write_text(yaml.safe_dump(raw))
+    out = run("infer", str(topo), str(files / "ok0.png"))
+    assert out.returncode == 2
+    one_error_line(out, "bundle", "bundle-not-on-this-host")
+    env = dict(os.environ, DEVIT_MQ_BUNDLE=real)
+    procs = [subprocess.Popen([*CLI, "node", str(topo), "--name", "aggregator", "--bundle", real],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    procs += [subprocess.Popen([*CLI, "node", str(topo), "--name", name], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for name in ("edge0", "edge1")]
+    try:
+        out = run("infer", str(topo), str(files / "ok0.png"), "--bundle", real, "--json", "--timeout", "60",
+                  timeout=120)
+        assert out.returncode == 0, out.stderr
+        row = json.loads(out.stdout)
+        assert row["error"] is None and row["degraded"] is False
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+    assert all(p.returncode == 0 for p in procs), [p.stderr.read() for p in procs]

@@ -435,8 +435,14 @@ def test_multihost_script_prints_one_node_command_per_host():
     lines = out.stdout.splitlines()
     assert "# on 192.0.2.10 (aggregator, listens at tcp://192.0.2.10:5600)" in lines
     commands = [line for line in lines if not line.startswith("#")]
-    assert [c.split("&& ")[1] for c in commands] == [
-        f".venv/bin/devit-mq node topologies/multihost.yaml --name {n}" for n in ("aggregator", "edge0", "edge1")]
+    assert commands == [  # nothing of this checkout's layout: the hosts' own command and paths
+        f"devit-mq node /etc/devit-mq/topology.yaml --name {n}" for n in ("aggregator", "edge0", "edge1")]
+    env = {"PATH": env_path, "REMOTE_DEVIT": "/opt/devit-mq/bin/devit-mq", "REMOTE_TOPOLOGY": "/srv/t.yaml",
+           "REMOTE_BUNDLE": "/srv/bundle", "REMOTE_KEYS_DIR": "/srv/keys"}
+    out = subprocess.run(["bash", str(REPO / "launch" / "zmq-multihost.sh"), "topologies/multihost.yaml"],
+                         capture_output=True, text=True, timeout=50, cwd=REPO, env=env)
+    assert [line for line in out.stdout.splitlines() if not line.startswith("#")][1] == (
+        "/opt/devit-mq/bin/devit-mq node /srv/t.yaml --name edge0 --bundle /srv/bundle --keys-dir /srv/keys")
 
 
 @pytest.mark.parametrize("cpus, message", [

@@ -622,3 +622,13 @@ def test_routing_checksum_catches_a_corrupted_request_id():
 def test_duplicate_request_ids_on_rows_are_refused():
     """One row per request: a repeated id would let one message pin or overwrite another row."""
     assert_wire_error("request_ids", tamper(feature_msg(), i=struct.pack("<2Q", 5, 5)))
+
+
+@pytest.mark.parametrize("stamp", [1e301, -1e305, 10**400, float("nan"), float("inf")])
+def test_encode_refuses_a_timestamp_the_receiver_would_drop(stamp):
+    """The sender checks the receiver's bounds (+-1e300), and says so with a WireError: a stamp
+    beyond them used to be encoded (then dropped by every receiver), a huge int raised OverflowError."""
+    with pytest.raises(WireError) as err:
+        encode(Message(Kind.CONTROL, "client-1", meta=Hello(), timestamps={"sent": stamp}))
+    assert err.value.field == "timestamps"
+    assert decode(encode(Message(Kind.CONTROL, "client-1", meta=Hello(), timestamps={"sent": 1e300}))).timestamps

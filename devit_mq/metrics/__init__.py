@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -30,6 +31,29 @@ from devit_mq.protocol import (
 __all__ = ["Metrics", "percentiles", "process_age_s", "process_usage", "rapl_energy_uj"]
 
 _RAPL_ROOT = Path("/sys/class/powercap")
+
+
+#: histogram bucket upper bounds (Prometheus ``le``): seconds for timed stages, counts for batch sizes
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+COUNT_STAGES = frozenset({"batch_size", "fuse_batch"})  # stages whose samples are counts, not seconds
+
+
+class Histogram:
+    """Cumulative since start (what Prometheus expects: never reset, unlike the percentile ring
+    buffers): ``counts[i]`` samples fell in bucket ``i`` (the last one is +Inf), ``total`` their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in it
+        self.total += value
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
@@ -105,6 +129,7 @@ class Metrics:
         self.counters = _BoundedCounts(MAX_COUNTERS)
         self.bytes = _BoundedCounts(MAX_LINKS)
         self._samples: dict[str, list[float]] = {}
+        self.histograms: dict[str, Histogram] = {}  # per stage, the same samples, binned since start
         self._cursor: dict[str, int] = defaultdict(int)
         self.started = time.time()
         self._peak_rss_mb = 0.0
@@ -123,6 +148,8 @@ class Metrics:
             if len(self._samples) >= MAX_STAGES:
                 return  # stage names are the code's own: a cap hit is a bug, not an attack
             buf = self._samples[stage] = []
+            self.histograms[stage] = Histogram(BATCH_BUCKETS if stage in COUNT_STAGES else LATENCY_BUCKETS_S)
+        self.histograms[stage].add(seconds)
         if len(buf) < self.max_samples:
             buf.append(seconds)
         else:  # ring buffer: overwrite the oldest sample

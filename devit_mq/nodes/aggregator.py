@@ -107,6 +107,9 @@ class AggregatorNode(NodeBase):
     def in_flight(self) -> bool:
         return bool(self.table.pending)
 
+    def queue_depth(self) -> int:
+        return len(self.table.pending)
+
     def _dispatch(self, msg: Message) -> None:
         kind, meta = msg.kind, msg.meta
         if kind == Kind.FEATURES:
@@ -175,8 +178,10 @@ class AggregatorNode(NodeBase):
                              msg.source, arr.shape, len(msg.request_ids), expected)
             return
         now = time.monotonic()
+        sent = msg.timestamps.get("client_sent")  # the client's wall clock (the e2e stage)
         for row, rid in enumerate(msg.request_ids):
-            evicted = self.table.add((msg.reply_to, rid), part, arr[row], meta.compute_ms, meta.queue_ms, now)
+            evicted = self.table.add((msg.reply_to, rid), part, arr[row], meta.compute_ms, meta.queue_ms, now,
+                                     client_sent=sent)
             for key in evicted:
                 self._send_error(key[0], [key[1]], "overloaded",
                                  f"aggregator holds more than {self.table.max_pending} open requests")
@@ -233,7 +238,14 @@ class AggregatorNode(NodeBase):
             return
         fuse_ms = (time.perf_counter() - start) * 1e3
         self.metrics.observe("fuse", fuse_ms / 1e3)
-        now = time.monotonic()
+        self.metrics.observe("fuse_batch", float(len(keys)))
+        now, wall = time.monotonic(), time.time()
+        for entry in entries:
+            self.metrics.observe("hold", now - entry.first_seen)
+            # client send -> answer, on two hosts' wall clocks: only a plausible stamp counts (a
+            # client whose clock is off by more than a minute, or a forged stamp, is not a sample)
+            if entry.client_sent is not None and 0.0 <= wall - entry.client_sent <= 60.0:
+                self.metrics.observe("e2e", wall - entry.client_sent)
         by_client: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             by_client.setdefault(key[0], []).append(i)

@@ -91,6 +91,7 @@ class NodeBase:
         self.last_peer: Peer | None = None  # who sent the message :meth:`receive` returned last
         self._last_work = time.monotonic()  # when the last request-carrying message arrived
         self._idle = False  # what the transport was last told (set_idle)
+        self.metrics_server = None  # a Prometheus endpoint (devit_mq.metrics.prometheus), when one serves
 
     # -- messaging -----------------------------------------------------------------------------
     def link_name(self, peer: str) -> str:
@@ -107,16 +108,17 @@ class NodeBase:
 
     def broadcast(self, peers: list[str], msg: Message) -> dict[str, Sent]:
         """The same message to several nodes, encoded once (a client's image to every edge)."""
-        frames = self._encode(msg, ", ".join(peers))
+        frames = self._encode(msg, peers)
         return {p: Sent.FAILED if frames is None else self.send_frames(p, frames, msg.kind) for p in peers}
 
-    def _encode(self, msg: Message, peer: str | Peer) -> list[bytes] | None:
+    def _encode(self, msg: Message, to: str | Peer | list[str]) -> list[bytes] | None:
         try:
             return encode(msg)
         except WireError as exc:
             self.metrics.count("encode_failed")
+            who = ", ".join(to) if isinstance(to, list) else to  # named only when it is logged
             self.log.warning(f"encode.{msg.kind.name}", "%s: cannot encode %s for %s: %s", self.name,
-                             msg.kind.name, peer, exc)
+                             msg.kind.name, who, exc)
             return None
 
     def send_frames(self, peer: str | Peer, frames: list[bytes], kind: Kind, expect_failure: bool = False) -> Sent:
@@ -140,6 +142,10 @@ class NodeBase:
     def in_flight(self) -> bool:
         """Whether this node holds work it expects more messages for (a subclass says)."""
         return False
+
+    def queue_depth(self) -> int:
+        """Requests this node holds right now (a subclass says): the ``queue_depth`` gauge."""
+        return 0
 
     def _hint_idle(self) -> None:
         idle = not self.in_flight() and time.monotonic() - self._last_work > IDLE_AFTER_S
@@ -203,4 +209,6 @@ class NodeBase:
 
     def close(self) -> None:
         self.running = False
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.transport.close()

@@ -41,6 +41,11 @@ class Batcher:
         self._images += len(msg.request_ids)
 
     @property
+    def queued_images(self) -> int:
+        """Images waiting for the next batch."""
+        return self._images
+
+    @property
     def full(self) -> bool:
         return self._images >= self.max_batch
 

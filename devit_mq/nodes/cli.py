@@ -56,11 +56,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (TopologyError, TransportError, BundleError, ExecutorError, FileNotFoundError, PermissionError)
 
 
+# -- where this host keeps the bundle and the keys ---------------------------------------------------
+ENV_BUNDLE = "DEVIT_MQ_BUNDLE"
+ENV_KEYS_DIR = "DEVIT_MQ_KEYS_DIR"
+
+
+def add_site_arguments(p: argparse.ArgumentParser) -> None:
+    """``--bundle`` and ``--keys-dir``: this host's paths, in place of the topology file's (so one
+    file serves every host of a deployment; a container sets the environment variables)."""
+    p.add_argument("--bundle", default=os.environ.get(ENV_BUNDLE) or None,
+                   help=f"this host's bundle directory, instead of the topology's 'bundle' (env {ENV_BUNDLE})")
+    p.add_argument("--keys-dir", default=os.environ.get(ENV_KEYS_DIR) or None,
+                   help=f"this host's CURVE keys, instead of 'security.keys_dir' (env {ENV_KEYS_DIR})")
+
+
+def load_site_topology(args: argparse.Namespace):
+    from devit_mq.topology import load_topology
+
+    return load_topology(args.topology, bundle=args.bundle, keys_dir=args.keys_dir)
+
+
 # -- node ---------------------------------------------------------------------------------------------
 def run_node(topology_path: str | Path, name: str, wrap: Callable[[Any], Any] | None = None,
-             describe: Callable[[Any], str] | None = None) -> int:
+             describe: Callable[[Any], str] | None = None, bundle: str | None = None,
+             keys_dir: str | None = None) -> int:
     """Run node ``name`` of a ZeroMQ topology until it is told to stop. ``wrap`` (optional) wraps its
-    transport (fault injection uses it). Returns the exit code."""
+    transport (fault injection uses it); ``bundle``/``keys_dir`` replace the file's paths (this
+    host's). Returns the exit code."""
     from devit_mq.topology import load_topology
     from devit_mq.transport import open_transport
 
@@ -70,7 +92,7 @@ def run_node(topology_path: str | Path, name: str, wrap: Callable[[Any], Any] | 
     _node_start_hook()
     errors = _user_errors()
     try:
-        topology = load_topology(topology_path)
+        topology = load_topology(topology_path, bundle=bundle, keys_dir=keys_dir)
         spec = topology.node(name)
         if topology.transport != "zmq":
             return _fail(f"{topology_path}: transport is {topology.transport!r}; run MPI topologies with "
@@ -101,10 +123,11 @@ def main_node(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq node", description="Run one node of a ZeroMQ topology.")
     p.add_argument("topology")
     p.add_argument("--name", required=True, help="the node's name in the topology")
+    add_site_arguments(p)
     add_log_arguments(p, default_level="info")
     args = p.parse_args(argv)
     setup_logging(args, node=args.name)
-    return run_node(args.topology, args.name)
+    return run_node(args.topology, args.name, bundle=args.bundle, keys_dir=args.keys_dir)
 
 
 # -- launch -------------------------------------------------------------------------------------------
@@ -199,11 +222,6 @@ def read_image(path: str, image_shape: tuple[int, int, int], warn: Callable[[str
     return arr.reshape(h, w, c)
 
 
-def load_images(paths: list[str], image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Image files -> uint8 [B,H,W,C] at the bundle's size and channel count (Pillow)."""
-    return np.stack([read_image(path, image_shape) for path in paths])
-
-
 def _image_problem(path: str) -> str | None:
     """Why ``path`` is not a readable image (checked before connecting), or None."""
     from PIL import Image, UnidentifiedImageError
@@ -222,74 +240,115 @@ def _image_problem(path: str) -> str | None:
     return None
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+INFER_CHUNK = 64  # images read, classified and printed at a time: a large folder streams its answers
+
+
+def expand_inputs(specs: list[str], recursive: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Files, folders and glob patterns -> the image paths in order (folders sorted, by image file
+    suffix; patterns sorted, ``**`` matches sub-folders), without repeats, and ``{spec: problem}``
+    for a folder without images or a pattern that matches nothing."""
+    import glob
+
+    paths: dict[str, None] = {}
+    problems: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            walk = path.rglob("*") if recursive else path.iterdir()
+            found = sorted(str(f) for f in walk if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                problems[spec] = (f"folder has no image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...)"
+                                  + ("" if recursive else "; --recursive looks in sub-folders"))
+        elif not path.exists() and glob.has_magic(spec):
+            found = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+            if not found:
+                problems[spec] = "pattern matches no file"
+        else:
+            found = [spec]  # a file (or a missing one: reported as such)
+        paths.update(dict.fromkeys(found))
+    return list(paths), problems
+
+
+def _infer_row(path: str, ans, classes: list[str], edge_of: dict[int, str], problem: str | None) -> dict:
+    if ans is None:
+        return {"image": path, "label": None, "class": None, "confidence": None, "degraded": False,
+                "missing": [], "error": f"cannot read image: {problem or 'unknown error'}", "latency_ms": None}
+    return {"image": path, "label": ans.label, "class": classes[ans.label] if ans.ok else None,
+            "confidence": float(ans.probs.max()) if ans.ok else None, "degraded": ans.degraded,
+            "missing": [edge_of.get(part, f"part {part}") for part in ans.missing], "error": ans.error,
+            "latency_ms": round(ans.latency_s * 1e3, 2)}
+
+
+def _print_row(row: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row), flush=True)
+    elif row["error"] is not None:
+        print(f"{row['image']}: ERROR {row['error']}", flush=True)
+    else:
+        note = (f"  [degraded: no features from {', '.join(row['missing']) or 'some edge'}]"
+                if row["degraded"] else "")
+        print(f"{row['image']}: {row['class']} ({row['confidence']:.3f}){note}", flush=True)
+
+
 def main_infer(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="devit-mq infer", description=(
-        "Classify image files through a running topology. An unreadable file gets an error line and "
-        "exit code 1; the other files are still classified."))
+        "Classify image files through a running topology. Each argument is a file, a folder (its image "
+        "files, sorted) or a quoted glob pattern ('photos/**/*.jpg'). An unreadable file gets an error "
+        "line and exit code 1; the other files are still classified."))
     p.add_argument("topology")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("-r", "--recursive", action="store_true", help="folders: also their sub-folders")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    add_site_arguments(p)
     args = p.parse_args(argv)
-    from devit_mq.topology import load_topology
-
     from .client import ClientError
     from .runtime import Client
 
     try:
-        topology = load_topology(args.topology)
+        topology = load_site_topology(args)
     except _user_errors() as exc:
         return _fail(_one_line(exc))
-    problems = {path: why for path in args.images if (why := _image_problem(path)) is not None}
-    if len(problems) == len(args.images):
+    paths, empty = expand_inputs(args.images, args.recursive)
+    if empty and not paths:
+        return _fail("no images to classify: " + "; ".join(f"{k}: {v}" for k, v in empty.items()))
+    for spec, why in empty.items():
+        _warn(f"{spec}: {why}")
+    problems = {path: why for path in paths if (why := _image_problem(path)) is not None}
+    if len(problems) == len(paths):
         if len(problems) == 1:
             path, why = next(iter(problems.items()))
             return _fail(f"cannot read image {path}: {why}")
-        return _fail("cannot read any of the images: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+        return _fail(f"cannot read any of the {len(paths)} images: "
+                     + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
+                     + ("; ..." if len(problems) > 5 else ""))
     try:
         client = Client(topology, timeout_s=args.timeout, connect_timeout_s=args.timeout)
     except (ClientError, *_user_errors()) as exc:
         return _fail(_one_line(exc))
-    rows: dict[str, dict] = {}
-    with client:
-        shape = tuple(client.status["image_shape"])
-        images, readable = [], []
-        for path in args.images:
-            if path in problems:
-                continue
-            try:
-                images.append(read_image(path, shape, warn=_warn))
-                readable.append(path)
-            except (OSError, ValueError, SyntaxError) as exc:
-                problems[path] = str(exc)
-        pred = client.predict(np.stack(images)) if images else None
-        classes = client.classes
-        answers = dict(zip(readable, pred.answers, strict=True)) if pred is not None else {}
     edge_of = {e.submodel: e.name for e in topology.edges}
     failed = 0
-    for path in args.images:
-        ans = answers.get(path)
-        if ans is None:
-            failed += 1
-            row = {"image": path, "label": None, "class": None, "confidence": None, "degraded": False,
-                   "missing": [], "error": f"cannot read image: {problems.get(path, 'unknown error')}",
-                   "latency_ms": None}
-        else:
-            failed += not ans.ok
-            missing = [edge_of.get(part, f"part {part}") for part in ans.missing]
-            row = {"image": path, "label": ans.label, "class": classes[ans.label] if ans.ok else None,
-                   "confidence": float(ans.probs.max()) if ans.ok else None, "degraded": ans.degraded,
-                   "missing": missing, "error": ans.error, "latency_ms": round(ans.latency_s * 1e3, 2)}
-        rows[path] = row
-        if args.json:
-            print(json.dumps(row))
-        elif row["error"] is not None:
-            print(f"{path}: ERROR {row['error']}")
-        else:
-            note = (f"  [degraded: no features from {', '.join(row['missing']) or 'some edge'}]"
-                    if row["degraded"] else "")
-            print(f"{path}: {row['class']} ({row['confidence']:.3f}){note}")
-    return 1 if failed else 0
+    with client:
+        shape = tuple(client.status["image_shape"])
+        for lo in range(0, len(paths), INFER_CHUNK):
+            chunk = paths[lo: lo + INFER_CHUNK]
+            images, readable = [], []
+            for path in chunk:
+                if path in problems:
+                    continue
+                try:
+                    images.append(read_image(path, shape, warn=_warn))
+                    readable.append(path)
+                except (OSError, ValueError, SyntaxError) as exc:
+                    problems[path] = str(exc)
+            pred = client.predict(np.stack(images)) if images else None
+            answers = dict(zip(readable, pred.answers, strict=True)) if pred is not None else {}
+            for path in chunk:
+                row = _infer_row(path, answers.get(path), client.classes, edge_of, problems.get(path))
+                failed += row["error"] is not None
+                _print_row(row, args.json)
+    return 1 if failed or empty else 0
 
 
 # -- demo ---------------------------------------------------------------------------------------------

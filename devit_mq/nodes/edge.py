@@ -80,6 +80,9 @@ class EdgeNode(NodeBase):
     def in_flight(self) -> bool:
         return self.batcher.wait_s() is not None  # a batch is open
 
+    def queue_depth(self) -> int:
+        return self.batcher.queued_images
+
     def _dispatch(self, msg: Message) -> None:
         if msg.kind == Kind.IMAGE:
             if self._valid(msg):
@@ -155,6 +158,7 @@ class EdgeNode(NodeBase):
         offset = 0
         for job in jobs:
             n = job.images
+            self.metrics.observe("queue", max(0.0, start - job.received_perf))
             stamps = {k: v for k, v in job.msg.timestamps.items() if k in FORWARDED_STAMPS}
             stamps.update({"edge_recv": job.received, "edge_sent": time.time()})
             self.send(self.aggregator, Message(

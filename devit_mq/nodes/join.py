@@ -24,6 +24,7 @@ class Pending:
     edge_compute_ms: float = 0.0  # the slowest edge decides the latency
     edge_queue_ms: float = 0.0
     filled: int = 0
+    client_sent: float | None = None  # the client's send stamp (time.time()), as the first part carried it
 
     def missing(self) -> list[int]:
         return [i for i, p in enumerate(self.parts) if p is None]
@@ -40,7 +41,7 @@ class JoinTable:
     complete: list[Key] = field(default_factory=list)  # completed since the last take_complete()
 
     def add(self, key: Key, part: int, tokens: np.ndarray, compute_ms: float, queue_ms: float,
-            now: float) -> list[Key]:
+            now: float, client_sent: float | None = None) -> list[Key]:
         """Record one part of one request; returns the keys evicted to stay within ``max_pending``."""
         if key in self.answered:
             self.count("late_features")
@@ -48,7 +49,7 @@ class JoinTable:
         entry = self.pending.get(key)
         evicted: list[Key] = []
         if entry is None:
-            entry = self.pending[key] = Pending([None] * self.num_parts, now)
+            entry = self.pending[key] = Pending([None] * self.num_parts, now, client_sent=client_sent)
             while len(self.pending) > self.max_pending:
                 old, _ = self.pending.popitem(last=False)
                 evicted.append(old)

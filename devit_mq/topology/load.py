@@ -61,13 +61,19 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_topology(source: str | Path | Mapping[str, Any], *, check_bundle: bool = True,
-                  base_dir: str | Path | None = None) -> Topology:
+                  base_dir: str | Path | None = None, bundle: str | Path | None = None,
+                  keys_dir: str | Path | None = None) -> Topology:
     """Load and validate a topology from a YAML file or a mapping.
 
     ``check_bundle`` (default) also requires the bundle to exist and to match the topology
     (:func:`check_against_bundle`); it reads only the bundle's manifest, never weights. Relative
     paths resolve against the YAML file's folder (for a mapping: ``base_dir``, default the current
     directory).
+
+    ``bundle`` and ``keys_dir`` replace the file's ``bundle`` and ``security.keys_dir``: one
+    topology file serves hosts that keep the bundle or the keys in different places. A relative
+    path given here resolves against the current directory (it was typed there), a bundle name
+    that is no path names a shipped bundle as in the file.
     """
     if isinstance(source, Mapping):
         data: Any = dict(source)
@@ -77,10 +83,22 @@ def load_topology(source: str | Path | Mapping[str, Any], *, check_bundle: bool 
         path = Path(source)
         data = read_yaml(path)
         base = Path(base_dir) if base_dir is not None else path.resolve().parent
+    if isinstance(data, dict) and (bundle is not None or keys_dir is not None):
+        data = _with_site_paths(data, bundle, keys_dir)
     topology = parse_topology(data, base_dir=base.resolve(), source=path, resolve_bundle=resolve_bundle)
     if check_bundle:
         check_against_bundle(topology, bundle_manifest(topology, data.get("bundle")))
     return topology
+
+
+def _with_site_paths(data: dict[str, Any], bundle: str | Path | None, keys_dir: str | Path | None) -> dict[str, Any]:
+    data = dict(data)
+    if bundle is not None:
+        data["bundle"] = str(Path(bundle).resolve()) if Path(bundle).exists() else str(bundle)
+    if keys_dir is not None:
+        security = data.get("security")
+        data["security"] = {**(security if isinstance(security, dict) else {}), "keys_dir": str(Path(keys_dir).resolve())}
+    return data
 
 
 def bundle_manifest(topology: Topology, value: str | None = None) -> Manifest:

@@ -55,8 +55,11 @@ Keys, by section (everything not marked *required* has the default shown):
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
 - aggregator and edges: ``cpus`` (optional, per node: a list of CPU numbers of its host to pin the
   process to, e.g. ``[1]``; checked against the host when the node starts).
+- aggregator and edges: ``metrics_port`` (optional, off by default): serve Prometheus ``/metrics`` on
+  that TCP port (loopback only for a loopback host, all interfaces otherwise); it must not clash with
+  any other port of the same host.
 - client: ``threads`` (1).
-- ``defaults`` may hold ``host`` and any of the tunables (``threads``, ``attention``, ``max_batch``,
+- ``defaults`` may hold ``host``, ``metrics_port`` and any of the tunables (``threads``, ``attention``, ``max_batch``,
   ``max_wait_ms``, ``deadline_ms``, ``missing_policy``, ``max_pending``, ``max_queue_ms``, ``executor``); each applies to the roles
   that take it.
 
@@ -99,18 +102,20 @@ SECURITY_KEYS = ("curve", "keys_dir")
 ADDRESS_KEYS = ("host", "port", "ipc", "bind")
 COMPUTE_KEYS = ("threads", "attention", "max_batch", "max_wait_ms")
 PLACEMENT_KEYS = ("cpus",)  # per node only: which CPUs of its host the process may run on
+OPS_KEYS = ("metrics_port",)  # Prometheus /metrics on this TCP port of the node's host (off when absent)
 AGGREGATOR_KEYS = ("deadline_ms", "missing_policy", "max_pending")
 EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms", "executor")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
-    "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *EDGE_KEYS),
-    "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *AGGREGATOR_KEYS),
+    "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *OPS_KEYS, *EDGE_KEYS),
+    "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *OPS_KEYS,
+                   *AGGREGATOR_KEYS),
     "client": ("name", "role", "rank", "threads"),
 }
-DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *AGGREGATOR_KEYS, "max_queue_ms", "executor")
+DEFAULTS_KEYS = ("host", *COMPUTE_KEYS, *OPS_KEYS, *AGGREGATOR_KEYS, "max_queue_ms", "executor")
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "threads": 1, "attention": "auto", "max_batch": 8, "max_wait_ms": 0.0,
     "deadline_ms": 1000.0, "missing_policy": "degrade", "max_pending": 10000, "max_queue_ms": 0.0,
-    "executor": "auto",
+    "executor": "auto", "metrics_port": None,
 }
 # what each torch-free executor accepts as `attention` (it runs its own; torch runs any)
 EXECUTOR_ATTENTION = {"numba": ("auto", "numba"), "numpy": ("auto",)}
@@ -196,6 +201,7 @@ class NodeSpec:
     max_queue_ms: float | None = None  # edges: admission control (0: off)
     executor: str | None = None  # edges: what runs the sub-model (auto | torch | numba | numpy)
     cpus: tuple[int, ...] | None = None  # CPU affinity on its host (None: the scheduler decides)
+    metrics_port: int | None = None  # Prometheus /metrics (None: not served)
     key_path: str = field(default="", compare=False)  # where it was declared, e.g. "edges[1]"
 
     @property
@@ -224,6 +230,15 @@ class NodeSpec:
             host = self.host or "127.0.0.1"
             return f"tcp://{_tcp_host(host)}:{self.port}" if _is_loopback(host) else f"tcp://*:{self.port}"
         return None
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` listens: like :attr:`bind_endpoint`, only loopback for a loopback host
+        (a local topology is not exposed), all interfaces otherwise (Prometheus scrapes from afar)."""
+        if self.metrics_port is None:
+            return None
+        host = self.host or "127.0.0.1"
+        return ("127.0.0.1" if _is_loopback(host) else "0.0.0.0", self.metrics_port)
 
 
 @dataclass(frozen=True)
@@ -459,6 +474,7 @@ _TUNABLES: dict[str, tuple[type, dict[str, Any]]] = {
     "max_pending": (int, {"minimum": 1}),
     "max_queue_ms": (float, {"minimum": 0}),
     "executor": (str, {"choices": EDGE_EXECUTORS}),
+    "metrics_port": (int, {"minimum": 1, "maximum": 65535}),
 }
 
 
@@ -586,6 +602,21 @@ def _check_unique(ck: _Checker, nodes: list[dict[str, Any]], key: str, describe:
             seen[ident] = node
 
 
+def _check_ports(ck: _Checker, nodes: list[dict[str, Any]]) -> None:
+    """No two TCP ports of one host may be the same, whether a node's ``port`` or its ``metrics_port``."""
+    seen: dict[tuple[str, int], str] = {}
+    for node in nodes:
+        for key in ("port", "metrics_port"):
+            if node.get(key) is None:
+                continue
+            ident = (_host_key(node.get("host")), node[key])
+            where = _join(node["key_path"], key)
+            if ident in seen:
+                ck.error(where, f"{node[key]} clashes with {seen[ident]}")
+            else:
+                seen[ident] = where
+
+
 def _host_key(host: str | None) -> str:
     return "127.0.0.1" if host is None or host in _LOOPBACK_NAMES else host
 
@@ -676,8 +707,7 @@ def parse_topology(data: Any, *, base_dir: Path, source: Path | None = None,
 
     _check_unique(ck, nodes, "name", lambda n: n.get("name"),
                   lambda v, first: f"{v!r} is already used by {first['key_path']}")
-    _check_unique(ck, nodes, "port", lambda n: (_host_key(n.get("host")), n["port"]) if n.get("port") else None,
-                  lambda v, first: f"{v} clashes with {first['key_path']}.port")
+    _check_ports(ck, nodes)
     _check_unique(ck, nodes, "ipc", lambda n: n.get("ipc"),
                   lambda v, first: f"{v} clashes with {first['key_path']}.ipc")
     _check_unique(ck, edges, "submodel", lambda n: n.get("submodel"),

@@ -73,7 +73,8 @@ from .errors import WireError
 from .limits import DEFAULT_LIMITS, MAX_HEADER_ITEMS, Limits
 
 _MAX_TIMESTAMPS = MAX_HEADER_ITEMS
-_Stamp = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]  # finite: NaN and inf fail the bounds
+_STAMP_MAX = 1e300
+_Stamp = Annotated[float, msgspec.Meta(ge=-_STAMP_MAX, le=_STAMP_MAX)]  # finite: NaN and inf fail the bounds
 
 
 class _Header(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -172,8 +173,9 @@ def _check_timestamps(stamps: object, max_len: int) -> dict[str, float]:
     for key, value in stamps.items():
         if type(key) is not str or not key or len(key) > max_len:
             raise WireError("timestamps", f"stage names must be non-empty str, got {key!r:.80}")
-        if type(value) not in (float, int) or not math.isfinite(value):
-            raise WireError("timestamps", f"stamp {key!r} must be a finite number, got {value!r:.80}")
+        # the receiver's bounds (NaN fails both comparisons; a huge int compares without overflowing)
+        if type(value) not in (float, int) or not -_STAMP_MAX <= value <= _STAMP_MAX:
+            raise WireError("timestamps", f"stamp {key!r} must be a number within +-1e300, got {value!r:.80}")
         out[key] = float(value)
     return out
 
