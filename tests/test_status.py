@@ -6,6 +6,8 @@ works under CURVE."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +80,8 @@ def test_status_ready_then_degraded_after_an_edge_is_killed(tmp_path):
         text = status(topo)
         assert text.returncode == 1 and "DEGRADED" in text.stdout.splitlines()[0]
         assert status(topo, "--degraded-ok").returncode == 0  # a liveness probe: the aggregator answers
+        # one node's own health check (the edge container's HEALTHCHECK)
+        assert [status(topo, "--node", n).returncode for n in ("edge0", "edge1", "aggregator")] == [0, 1, 0]
 
 
 @pytest.mark.timeout(60)
@@ -102,6 +106,9 @@ def test_status_unreachable_is_fast_and_a_malformed_topology_is_one_line(tmp_pat
     assert out.returncode == 2
     assert "bad.yaml" in one_error_line(out)
     assert status(topo, "--timeout", "0.5", "--degraded-ok").returncode == 2
+    assert status(topo, "--timeout", "0.5", "--node", "edge0").returncode == 2
+    out = status(topo, "--node", "edge7")
+    assert out.returncode == 2 and "no node named 'edge7'" in one_error_line(out)
     out = status(tmp_path / "missing.yaml")
     assert out.returncode == 2 and "does not exist" in one_error_line(out)
 
@@ -122,6 +129,17 @@ def test_status_over_curve(tmp_path):
         assert probe.name.startswith("admin.")
         assert probe.query(5) is not None
         probe.close()
+        # an edge's container: every public key, its own secret only, in the host's keys folder
+        site = tmp_path / "site-keys"
+        site.mkdir()
+        for f in [*keys.glob("*.key"), keys / "edge0.key_secret"]:
+            shutil.copy(f, site / f.name)
+        env = dict(os.environ, DEVIT_MQ_KEYS_DIR=str(site))
+        out = subprocess.run([*CLI, "status", str(topo), "--node", "edge0", "--json"], env=env, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout)["exit_code"] == 0
+        assert status(topo, "--keys-dir", str(site)).returncode == 2  # no client, admin or node pair there
 
 
 def test_edge_states_from_a_status_reply(tmp_path):

@@ -32,7 +32,15 @@ from typing import Any
 from devit_mq.logs import add_log_arguments, setup_logging
 from devit_mq.topology import Topology
 
-from .status import COMMON_COUNTERS, StatusProbe, StatusReport, build_report, load, query_status
+from .status import (
+    COMMON_COUNTERS,
+    StatusProbe,
+    StatusReport,
+    add_keys_argument,
+    build_report,
+    load,
+    query_status,
+)
 
 log = logging.getLogger("devit_mq.dashboard")
 
@@ -220,13 +228,14 @@ def main(argv: list[str]) -> int:
                                                         "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
     p.add_argument("--timeout", type=float, default=0.8, help="seconds each status query waits (default 0.8)")
+    add_keys_argument(p)
     add_log_arguments(p)
     args = p.parse_args(argv)
     setup_logging(args)
     from .cli import _fail, _one_line, _user_errors
 
     try:
-        topology = load(args.topology)
+        topology = load(args.topology, args.keys_dir)
         StatusProbe(topology).close()  # missing CURVE keys are a one-line error now, not a warning per poll
     except _user_errors() as exc:
         return _fail(_one_line(exc))

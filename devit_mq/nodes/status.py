@@ -10,7 +10,8 @@ telemetry of every node (its own and the edges' heartbeats).
 Exit codes (what a Docker ``HEALTHCHECK`` or a Kubernetes exec probe reads): 0 every part ready,
 1 the aggregator answers but an edge is missing or silent (degraded answers), 2 the aggregator does
 not answer within ``--timeout`` (or the topology file is unusable). ``--degraded-ok`` turns 1 into 0,
-for liveness probes. The probe connects to the aggregator only, never to an edge.
+for liveness probes; ``--node NAME`` answers for one node (0 ready, 1 not ready, 2 no answer), a
+node container's own health check. The probe connects to the aggregator only, never to an edge.
 
 :class:`StatusProbe` keeps its connection open between queries, for the dashboard's poller.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,14 +83,22 @@ class StatusReport:
     def edges(self) -> list[NodeState]:
         return [n for n in self.nodes if n.role == "edge"]
 
+    def node_exit_code(self, name: str) -> int:
+        """The exit code for one node (``status --node``): 0 it is ready, 1 the aggregator answers
+        but that node is not ready, 2 the aggregator does not answer."""
+        if not self.reachable:
+            return EXIT_UNREACHABLE
+        return EXIT_READY if next(n for n in self.nodes if n.name == name).state == READY else EXIT_DEGRADED
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # -- querying ---------------------------------------------------------------------------------------
-def probe_name(topology: Topology) -> str:
-    """A fresh random client name per probe. Under CURVE it goes by the shared ``client`` key pair, or
-    by the operator's ``admin`` pair where only that one is on this host (``admin.<random>``)."""
+def probe_name(topology: Topology, node: str | None = None) -> str:
+    """A fresh random client name per probe. Under CURVE it goes by the first key pair this host
+    holds of: the shared ``client`` pair, the operator's ``admin`` pair, or ``node``'s own (a health
+    check inside a node's container, which holds only that node's secret): ``KEY.<random>``."""
     from devit_mq.transport.security import CLIENT_KEY, key_files
 
     from .client import default_client_name
@@ -96,9 +106,9 @@ def probe_name(topology: Topology) -> str:
 
     sec = topology.security
     if sec.curve and sec.keys_dir is not None:
-        has = {k: key_files(Path(sec.keys_dir), k)[1].is_file() for k in (CLIENT_KEY, ADMIN_KEY)}
-        if not has[CLIENT_KEY] and has[ADMIN_KEY]:
-            return f"{ADMIN_KEY}.{default_client_name()}"
+        for key in (CLIENT_KEY, ADMIN_KEY, *([node] if node else [])):
+            if key_files(Path(sec.keys_dir), key)[1].is_file():
+                return f"{key}.{default_client_name()}"
     return client_name(topology)
 
 
@@ -106,7 +116,8 @@ class StatusProbe:
     """A status-only client of ``topology``: :meth:`query` asks the aggregator for a :class:`Status`
     (None when it does not answer in time). It never says hello, so it binds no client name."""
 
-    def __init__(self, topology: Topology, name: str | None = None, send_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, topology: Topology, name: str | None = None, send_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 node: str | None = None) -> None:
         from dataclasses import replace
 
         from devit_mq.transport.zmq import ZmqTransport
@@ -115,7 +126,7 @@ class StatusProbe:
         from .runtime import roster, wire_limits
 
         self.topology = topology
-        self.name = name or probe_name(topology)
+        self.name = name or probe_name(topology, node)
         # the aggregator only: a probe opens no connection to any edge
         plan = topology.route_plan(self.name)
         plan = replace(plan, links=tuple(link for link in plan.links if link.peer == topology.aggregator.name))
@@ -218,13 +229,14 @@ def build_report(topology: Topology, status: Status | None, query_ms: float = 0.
                         query_ms=query_ms)
 
 
-def query_status(topology: Topology, timeout_s: float = DEFAULT_TIMEOUT_S, probe: StatusProbe | None = None
-                 ) -> StatusReport:
-    """Ask ``topology``'s aggregator once (over ``probe``, else a connection opened for this call)."""
+def query_status(topology: Topology, timeout_s: float = DEFAULT_TIMEOUT_S, probe: StatusProbe | None = None,
+                 node: str | None = None) -> StatusReport:
+    """Ask ``topology``'s aggregator once (over ``probe``, else a connection opened for this call;
+    ``node``: the node whose key pair a probe may fall back on under CURVE)."""
     start = time.perf_counter()
     own = probe is None
     if probe is None:
-        probe = StatusProbe(topology, send_timeout_s=timeout_s)
+        probe = StatusProbe(topology, send_timeout_s=timeout_s, node=node)
     try:
         status = probe.query(timeout_s)
     finally:
@@ -275,12 +287,21 @@ def render_json(report: StatusReport) -> str:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def load(path: str | Path) -> Topology:
+def add_keys_argument(p: argparse.ArgumentParser) -> None:
+    """``--keys-dir`` (env ``DEVIT_MQ_KEYS_DIR``): this host's CURVE keys, as ``node`` takes them."""
+    from .cli import ENV_KEYS_DIR
+
+    p.add_argument("--keys-dir", default=os.environ.get(ENV_KEYS_DIR) or None,
+                   help=f"this host's CURVE keys, instead of 'security.keys_dir' (env {ENV_KEYS_DIR})")
+
+
+def load(path: str | Path, keys_dir: str | Path | None = None) -> Topology:
     """A ZeroMQ topology for a status query; the bundle need not be on this host (a probe in its
-    own container): :class:`TopologyError` for anything unusable."""
+    own container); ``keys_dir`` replaces the file's ``security.keys_dir`` (this host's keys):
+    :class:`TopologyError` for anything unusable."""
     from devit_mq.topology import TopologyError
 
-    topology = load_topology(path, check_bundle=False)
+    topology = load_topology(path, check_bundle=False, keys_dir=keys_dir)
     if topology.transport != "zmq":
         raise TopologyError([("transport", f"status queries need a ZeroMQ topology, this one is {topology.transport!r} "
                                            "(an MPI job reports through its client rank)")], topology.source)
@@ -296,6 +317,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds to wait for the aggregator (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--node", default=None, metavar="NAME",
+                   help="report on one node: exit 0 when NAME is ready, 1 when the aggregator answers but NAME "
+                        "is not ready, 2 when the aggregator does not answer (a node's own health check)")
+    add_keys_argument(p)
     p.add_argument("--degraded-ok", action="store_true",
                    help="exit 0 also when degraded: only an unreachable aggregator fails (a liveness probe "
                         "that must not restart the aggregator because an edge is down)")
@@ -305,11 +330,16 @@ def main(argv: list[str]) -> int:
     if not args.timeout > 0:
         return _fail(f"--timeout must be > 0, got {args.timeout:g}")
     try:
-        topology = load(args.topology)
-        report = query_status(topology, args.timeout)
+        topology = load(args.topology, args.keys_dir)
+        if args.node is not None and args.node not in {n.name for n in topology.nodes if n.role != "client"}:
+            names = ", ".join(n.name for n in topology.nodes if n.role != "client")
+            return _fail(f"{args.topology}: no node named {args.node!r} (nodes: {names})")
+        report = query_status(topology, args.timeout, node=args.node)
     except _user_errors() as exc:
         return _fail(_one_line(exc))
     print(render_json(report) if args.json else render_text(report), flush=True)
+    if args.node is not None:
+        return report.node_exit_code(args.node)
     if args.degraded_ok and report.exit_code == EXIT_DEGRADED:
         return EXIT_READY
     return report.exit_code
