@@ -139,7 +139,15 @@ def test_status_over_curve(tmp_path):
                              text=True, timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
         assert json.loads(out.stdout)["exit_code"] == 0
-        assert status(topo, "--keys-dir", str(site)).returncode == 2  # no client, admin or node pair there
+        # the aggregator's container runs `status` without --node: its own pair is found
+        aggregator_site = tmp_path / "aggregator-keys"
+        aggregator_site.mkdir()
+        for f in [*keys.glob("*.key"), keys / "aggregator.key_secret"]:
+            shutil.copy(f, aggregator_site / f.name)
+        assert status(topo, "--keys-dir", str(aggregator_site)).returncode == 0
+        (site / "edge0.key_secret").unlink()
+        out = status(topo, "--keys-dir", str(site))
+        assert out.returncode == 2 and "no key pair" in one_error_line(out)  # no secret at all on this host
 
 
 def test_edge_states_from_a_status_reply(tmp_path):

@@ -97,8 +97,9 @@ class StatusReport:
 # -- querying ---------------------------------------------------------------------------------------
 def probe_name(topology: Topology, node: str | None = None) -> str:
     """A fresh random client name per probe. Under CURVE it goes by the first key pair this host
-    holds of: the shared ``client`` pair, the operator's ``admin`` pair, or ``node``'s own (a health
-    check inside a node's container, which holds only that node's secret): ``KEY.<random>``."""
+    holds of: the shared ``client`` pair, the operator's ``admin`` pair, ``node``'s own, or any
+    server's of the topology (a health check inside a node's container, which holds only that
+    node's secret): ``KEY.<random>``."""
     from devit_mq.transport.security import CLIENT_KEY, key_files
 
     from .client import default_client_name
@@ -106,7 +107,8 @@ def probe_name(topology: Topology, node: str | None = None) -> str:
 
     sec = topology.security
     if sec.curve and sec.keys_dir is not None:
-        for key in (CLIENT_KEY, ADMIN_KEY, *([node] if node else [])):
+        servers = [n.name for n in topology.nodes if n.role != "client"]
+        for key in (CLIENT_KEY, ADMIN_KEY, *([node] if node else []), *servers):
             if key_files(Path(sec.keys_dir), key)[1].is_file():
                 return f"{key}.{default_client_name()}"
     return client_name(topology)
