@@ -131,6 +131,15 @@ def group_data(data: Batches, group: Sequence[int]) -> Batches:
     return sub
 
 
+def _group_labels(data: Batches, group: Sequence[int]) -> Batches:
+    """All of ``data``, labels re-indexed to the group's local order and -1 outside the group."""
+    group_t = torch.tensor(list(group))
+    out = data.subset(torch.ones(len(data), dtype=torch.bool))
+    local = torch.searchsorted(group_t, out.labels).clamp_max(len(group_t) - 1)
+    out.labels = torch.where(group_t[local] == out.labels, local, torch.full_like(local, -1))
+    return out
+
+
 def finetune_group_teacher(
     teacher: VisionTransformer, group: Sequence[int], section: StudentsSection, data: Batches, seed: int,
     desc: str, score: Score | None = None, ctx: Context = LOCAL,
@@ -151,7 +160,7 @@ def distill_student(
     teacher: VisionTransformer, cfg: ViTConfig, group: Sequence[int], section: StudentsSection,
     data: Batches, seed: int, desc: str, relation_weight: float, score: Score | None = None,
     ctx: Context = LOCAL, init: VisionTransformer | None = None, teacher_classes: Sequence[int] | None = None,
-    token_weight: float = 0.0,
+    token_weight: float = 0.0, all_images: bool = False,
 ) -> tuple[VisionTransformer, dict]:
     """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + the
     relation term (published weights, one block at floor(L/2)-1 on each side, / student blocks).
@@ -159,10 +168,12 @@ def distill_student(
     Recovery after pruning uses the same objective with ``init`` (the pruned model, trained further
     instead of a fresh ``cfg`` model), the unpruned sub-model as teacher (its logits are already the
     group's: ``teacher_classes = range(len(group))``) and ``token_weight`` > 0: the MSE of the
-    student's final-norm prefix tokens to the teacher's, which keeps them what the fusion head reads."""
+    student's final-norm prefix tokens to the teacher's, which keeps them what the fusion head reads.
+    The fusion reads them on every class's images, so recovery passes ``all_images``: the epoch runs
+    over all of ``data``, the token and relation terms on every image, CE and KD on the group's."""
     torch.manual_seed(seed)
     data.reseed(seed)
-    sub = group_data(data, group)
+    sub = group_data(data, group) if not all_images else _group_labels(data, group)
     teacher.eval().requires_grad_(False)
     student = (VisionTransformer(cfg) if init is None else copy.deepcopy(init).unfreeze()).to(ctx.device)
     cfg = student.config
@@ -185,10 +196,11 @@ def distill_student(
             t_logits = restrict_logits(_mean_logits(_logits(teacher, t_tokens)), teacher_classes)
         (out, s_prefix), s_qkv = forward(x)
         cls_logits, kd_logits = out if isinstance(out, tuple) else (out, out)  # DeiT: KD on the DIST head
+        own = y >= 0  # all_images: -1 marks another group's image (no CE or KD on it)
         # sums over the shard: the loop divides by the global batch size
-        loss = section.ce_weight * F.cross_entropy(cls_logits, y, label_smoothing=train.label_smoothing,
+        loss = section.ce_weight * F.cross_entropy(cls_logits[own], y[own], label_smoothing=train.label_smoothing,
                                                    reduction="sum")
-        loss = loss + section.kd_weight * hard_kd(kd_logits, t_logits, reduction="sum")
+        loss = loss + section.kd_weight * hard_kd(kd_logits[own], t_logits[own], reduction="sum")
         if relation_weight:
             loss = loss + relation_weight * len(y) * qkv_relation_loss(
                 t_qkv, s_qkv, section.relation_weights, teacher_heads=teacher.config.heads_at(t_block),

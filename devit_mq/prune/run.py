@@ -154,7 +154,7 @@ def prune_part(ensemble: DeViTEnsemble, manifest, part: int, train: Batches, val
         recovered, recovery = distill_student(
             original, pruned.config, group, section, train, settings.seed, f"recover part {part}",
             section.relation_weight, score=lambda m: val.fused(ensemble, part, m)["accuracy"], init=pruned,
-            teacher_classes=range(len(group)), token_weight=settings.token_weight)
+            teacher_classes=range(len(group)), token_weight=settings.token_weight, all_images=True)
         # the last epoch's weights or the best on validation; never worse on validation than no recovery
         if val.fused(ensemble, part, recovered)["accuracy"] < after_prune["val"]["accuracy"]:
             recovered, recovery["kept"] = pruned, "pruned weights (recovery did not improve validation)"
@@ -171,7 +171,8 @@ def prune_part(ensemble: DeViTEnsemble, manifest, part: int, train: Batches, val
         "search": {**result.summary(), "score": "fused accuracy on validation, then mean log-probability "
                                                 "of the true class (the other parts unpruned)"},
         "recovery": {"epochs": settings.recover_epochs, "lr": settings.recover_lr, "token_weight": settings.token_weight,
-                     "objective": "DEKD student loss from the unpruned sub-model + prefix-token MSE",
+                     "objective": "DEKD student loss from the unpruned sub-model (CE, KD on the group's images) + "
+                                  "prefix-token MSE and relation term on every training image",
                      **{k: v for k, v in recovery.items() if k != "val_history"},
                      "val_history": recovery.get("val_history", [])},
         "fused": {"unpruned": before, "pruned": after_prune, "recovered": after},
