@@ -288,3 +288,18 @@ def test_prune_command_refuses_bad_arguments(tmp_path, capsys):
     assert "--out must differ" in capsys.readouterr().err
     assert devit_main(["prune", str(src), "--part", "0", "--macs", "1.5", "--out", str(tmp_path / "o")]) == 2
     assert "--macs must be a fraction" in capsys.readouterr().err
+
+
+def test_nodes_serve_a_pruned_bundle_like_the_in_process_ensemble(tmp_path):
+    from .test_nodes import Cluster, reference
+
+    bundle, _ = _pruned_bundle(tmp_path / "b")
+    with Cluster(bundle) as cluster:
+        client = cluster.client()
+        assert client.connect(20)["ready"] == [0, 1]
+        imgs = images(7)
+        pred = client.predict(imgs, batch_size=3, window=2)
+        assert not pred.errors and pred.degraded == 0
+        ref = reference(bundle, imgs, "fp32")
+        np.testing.assert_array_equal(pred.labels, ref.argmax(1))
+        np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5)
