@@ -303,3 +303,13 @@ def test_nodes_serve_a_pruned_bundle_like_the_in_process_ensemble(tmp_path):
         ref = reference(bundle, imgs, "fp32")
         np.testing.assert_array_equal(pred.labels, ref.argmax(1))
         np.testing.assert_allclose(pred.probabilities, ref, atol=1e-5)
+
+
+def test_recovery_labels_other_groups_images_minus_one():
+    from devit_mq.dekd.batches import Batches
+    from devit_mq.dekd.stages import _group_labels
+
+    imgs = np.zeros((6, 4, 4, 1), np.uint8)
+    data = Batches(imgs, np.array([0, 3, 5, 2, 3, 9]), dm.InputSpec(4, 1, (0.5,), (0.25,)), 0)
+    assert _group_labels(data, [2, 3, 7]).labels.tolist() == [-1, 1, -1, 0, 1, -1]
+    assert data.labels.tolist() == [0, 3, 5, 2, 3, 9]  # the source split is unchanged
