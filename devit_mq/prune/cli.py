@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=100, help="per-layer sparsity candidates to score (100)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="candidates' MACs within +-this of the target")
     parser.add_argument("--importance-batches", type=int, default=8, help="batches the importance is averaged over")
-    parser.add_argument("--recover-epochs", type=int, default=10, help="distillation epochs after pruning (0: none)")
+    parser.add_argument("--recover-epochs", type=int, default=20, help="distillation epochs after pruning (0: none)")
     parser.add_argument("--recover-lr", type=float, default=5e-4)
     parser.add_argument("--val-size", type=int, default=500,
                         help="validation images carved from the training data if the bundle records no split")

@@ -49,7 +49,7 @@ class PruneSettings:
     candidates: int = 100
     importance_batches: int = 8
     importance_batch_size: int = 64
-    recover_epochs: int = 10
+    recover_epochs: int = 20
     recover_lr: float = 5e-4
     token_weight: float = 1.0         # recovery: MSE of the prefix tokens to the unpruned sub-model's
     val_size: int = 500               # only for a bundle without a validation split of its own
