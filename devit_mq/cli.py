@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("devit_mq.dekd.cli:main", "run the DEKD pipeline from a YAML config and write a bundle"),
+    "prune": ("devit_mq.prune.cli:main", "prune sub-models of a bundle (heads, MLP neurons) to a MACs budget; writes a new bundle"),
     "check": ("devit_mq.topology.cli:main", "validate a topology YAML (and its bundle) without starting anything"),
     "node": ("devit_mq.nodes.cli:main_node", "start one node of a topology (how multi-host deployments run)"),
     "launch": ("devit_mq.nodes.cli:main_launch", "start and supervise every local node of a ZeroMQ topology"),

@@ -131,6 +131,15 @@ def group_data(data: Batches, group: Sequence[int]) -> Batches:
     return sub
 
 
+def _group_labels(data: Batches, group: Sequence[int]) -> Batches:
+    """All of ``data``, labels re-indexed to the group's local order and -1 outside the group."""
+    group_t = torch.tensor(list(group))
+    out = data.subset(torch.ones(len(data), dtype=torch.bool))
+    local = torch.searchsorted(group_t, out.labels).clamp_max(len(group_t) - 1)
+    out.labels = torch.where(group_t[local] == out.labels, local, torch.full_like(local, -1))
+    return out
+
+
 def finetune_group_teacher(
     teacher: VisionTransformer, group: Sequence[int], section: StudentsSection, data: Batches, seed: int,
     desc: str, score: Score | None = None, ctx: Context = LOCAL,
@@ -150,15 +159,25 @@ def finetune_group_teacher(
 def distill_student(
     teacher: VisionTransformer, cfg: ViTConfig, group: Sequence[int], section: StudentsSection,
     data: Batches, seed: int, desc: str, relation_weight: float, score: Score | None = None,
-    ctx: Context = LOCAL,
+    ctx: Context = LOCAL, init: VisionTransformer | None = None, teacher_classes: Sequence[int] | None = None,
+    token_weight: float = 0.0, all_images: bool = False,
 ) -> tuple[VisionTransformer, dict]:
     """Sub-task distillation: 0.5 CE + 0.5 hard KD (teacher logits restricted to the group) + the
-    relation term (published weights, one block at floor(L/2)-1 on each side, / student blocks)."""
+    relation term (published weights, one block at floor(L/2)-1 on each side, / student blocks).
+
+    Recovery after pruning uses the same objective with ``init`` (the pruned model, trained further
+    instead of a fresh ``cfg`` model), the unpruned sub-model as teacher (its logits are already the
+    group's: ``teacher_classes = range(len(group))``) and ``token_weight`` > 0: the MSE of the
+    student's final-norm prefix tokens to the teacher's, which keeps them what the fusion head reads.
+    The fusion reads them on every class's images, so recovery passes ``all_images``: the epoch runs
+    over all of ``data``, the token and relation terms on every image, CE and KD on the group's."""
     torch.manual_seed(seed)
     data.reseed(seed)
-    sub = group_data(data, group)
+    sub = group_data(data, group) if not all_images else _group_labels(data, group)
     teacher.eval().requires_grad_(False)
-    student = VisionTransformer(cfg).to(ctx.device)
+    student = (VisionTransformer(cfg) if init is None else copy.deepcopy(init).unfreeze()).to(ctx.device)
+    cfg = student.config
+    teacher_classes = group if teacher_classes is None else teacher_classes
     student.distilled_training = cfg.distilled
     t_block = _relation_block(teacher, section.teacher_relation_block)
     s_block = _relation_block(student, section.relation_block)
@@ -166,7 +185,7 @@ def distill_student(
 
     def student_forward(x: torch.Tensor):
         tokens, qkv = student.forward_tokens(x, qkv_block=s_block if relation_weight else None)
-        return _logits(student, tokens), qkv
+        return (_logits(student, tokens), tokens[:, : student.num_prefix_tokens]), qkv
 
     forward = ctx.wrap(StageForward(student, student_forward))
 
@@ -174,18 +193,22 @@ def distill_student(
         x, y = sub.get(idx, train.augment, part)
         with torch.no_grad():
             t_tokens, t_qkv = teacher.forward_tokens(x, qkv_block=t_block if relation_weight else None)
-            t_logits = restrict_logits(_mean_logits(_logits(teacher, t_tokens)), group)
-        out, s_qkv = forward(x)
+            t_logits = restrict_logits(_mean_logits(_logits(teacher, t_tokens)), teacher_classes)
+        (out, s_prefix), s_qkv = forward(x)
         cls_logits, kd_logits = out if isinstance(out, tuple) else (out, out)  # DeiT: KD on the DIST head
+        own = y >= 0  # all_images: -1 marks another group's image (no CE or KD on it)
         # sums over the shard: the loop divides by the global batch size
-        loss = section.ce_weight * F.cross_entropy(cls_logits, y, label_smoothing=train.label_smoothing,
+        loss = section.ce_weight * F.cross_entropy(cls_logits[own], y[own], label_smoothing=train.label_smoothing,
                                                    reduction="sum")
-        loss = loss + section.kd_weight * hard_kd(kd_logits, t_logits, reduction="sum")
+        loss = loss + section.kd_weight * hard_kd(kd_logits[own], t_logits[own], reduction="sum")
         if relation_weight:
             loss = loss + relation_weight * len(y) * qkv_relation_loss(
-                t_qkv, s_qkv, section.relation_weights, teacher_heads=teacher.config.num_heads,
-                student_heads=cfg.num_heads, student_depth=cfg.depth,
+                t_qkv, s_qkv, section.relation_weights, teacher_heads=teacher.config.heads_at(t_block),
+                student_heads=cfg.heads_at(s_block), student_depth=cfg.depth,
                 teacher_prefix=teacher.num_prefix_tokens, student_prefix=student.num_prefix_tokens)
+        if token_weight:
+            target = t_tokens[:, : s_prefix.shape[1]]
+            loss = loss + token_weight * (s_prefix.float() - target.float()).pow(2).mean(-1).sum()
         return loss, len(y)
 
     groups = param_groups(student.named_parameters(), train.weight_decay, train.lr)

@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("select_backend", "time_backends"), "calibrate"),
     **dict.fromkeys(("ConfigError", "FusionConfig", "ViTConfig", "preset"), "config"),
     **dict.fromkeys(("DeViTEnsemble", "FusionHead", "concat_features"), "fusion"),
-    **dict.fromkeys(("VisionTransformer", "count_parameters", "vit_flops"), "vit"),
+    **dict.fromkeys(("VisionTransformer", "block_macs", "count_parameters", "vit_flops", "vit_macs"), "vit"),
 }
 __all__ = sorted(_EXPORTS)
 

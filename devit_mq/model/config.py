@@ -36,6 +36,13 @@ class ViTConfig:
     ``pos_embed='sincos'``, ``stem='conv'`` and ``init='xavier'`` are options that pay on small data
     sets trained from scratch; they change no key of the timm layout except that a conv stem adds
     ``patch_embed.stem.*`` parameters in front of ``patch_embed.proj``.
+
+    A structurally pruned model has per-block shapes: ``block_heads`` (attention heads kept in each
+    block) and ``block_mlp`` (MLP hidden neurons kept in each block). A head keeps the width
+    ``head_dim = embed_dim // num_heads`` of the unpruned model, so block ``i``'s ``attn.qkv`` has
+    ``3 * block_heads[i] * head_dim`` rows and ``attn.proj`` that many columns / 3; ``mlp.fc1`` has
+    ``block_mlp[i]`` rows and ``mlp.fc2`` as many columns. ``None`` means uniform (``num_heads``
+    heads and ``int(embed_dim * mlp_ratio)`` neurons everywhere), as every unpruned model.
     """
 
     img_size: int = 224
@@ -55,6 +62,8 @@ class ViTConfig:
     init: str = "timm"
     drop_path_rate: float = 0.0
     attention_backend: str = "torch"
+    block_heads: tuple[int, ...] | None = None
+    block_mlp: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         positive = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
@@ -85,6 +94,44 @@ class ViTConfig:
                 f"ViTConfig.attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
             )
+        self._check_block_shapes()
+
+    def _check_block_shapes(self) -> None:
+        limits = {"block_heads": self.num_heads, "block_mlp": self.mlp_hidden}
+        for name, limit in limits.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                raise ConfigError(f"ViTConfig.{name} must be a list of {self.depth} ints or null, got {value!r}")
+            if len(value) != self.depth:
+                raise ConfigError(f"ViTConfig.{name} has {len(value)} entries, the model has depth={self.depth}")
+            for i, v in enumerate(value):
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+                    raise ConfigError(f"ViTConfig.{name}[{i}] must be an int in 1..{limit} (the unpruned "
+                                      f"size), got {v!r}")
+            object.__setattr__(self, name, tuple(value))  # a JSON list becomes a hashable tuple
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The unpruned MLP hidden size ``int(embed_dim * mlp_ratio)``."""
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def heads_at(self, block: int) -> int:
+        """Attention heads of block ``block`` (``num_heads`` unless pruned)."""
+        return self.num_heads if self.block_heads is None else self.block_heads[block]
+
+    def mlp_at(self, block: int) -> int:
+        """MLP hidden neurons of block ``block``."""
+        return self.mlp_hidden if self.block_mlp is None else self.block_mlp[block]
+
+    def attn_width(self, block: int) -> int:
+        """Width of block ``block``'s attention output before ``attn.proj``: heads x head_dim."""
+        return self.heads_at(block) * self.head_dim
+
+    @property
+    def pruned(self) -> bool:
+        return self.block_heads is not None or self.block_mlp is not None
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +154,13 @@ class ViTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in ("block_heads", "block_mlp"):
+            if data[name] is None:
+                del data[name]  # an unpruned model's manifest stays exactly as before
+            else:
+                data[name] = list(data[name])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "ViTConfig") -> ViTConfig:

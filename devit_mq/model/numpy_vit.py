@@ -36,7 +36,7 @@ _f32 = np.float32
 
 def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Every key of a sub-model's timm-layout state dict and its shape (what a bundle part holds)."""
-    d, p, hidden = cfg.embed_dim, cfg.patch_size, int(cfg.embed_dim * cfg.mlp_ratio)
+    d, p = cfg.embed_dim, cfg.patch_size
     shapes: dict[str, tuple[int, ...]] = {}
     proj_in = cfg.in_chans
     if cfg.stem == "conv":
@@ -52,8 +52,8 @@ def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         shapes["dist_token"] = (1, 1, d)
     shapes["pos_embed"] = (1, cfg.num_tokens, d)
     for i in range(cfg.depth):
-        b = f"blocks.{i}."
-        layers = {"norm1": (d,), "attn.qkv": (3 * d, d), "attn.proj": (d, d), "norm2": (d,),
+        b, inner, hidden = f"blocks.{i}.", cfg.attn_width(i), cfg.mlp_at(i)
+        layers = {"norm1": (d,), "attn.qkv": (3 * inner, d), "attn.proj": (d, inner), "norm2": (d,),
                   "mlp.fc1": (hidden, d), "mlp.fc2": (d, hidden)}
         for name, shape in layers.items():
             shapes[b + name + ".weight"] = shape
@@ -167,14 +167,15 @@ class ArrayViT:
         ops, blocks = self.ops, self.blocks
         h = ops.layernorm(x, *blocks[0].norm1, cfg.norm_eps)
         for i, blk in enumerate(blocks):
-            qkv = ops.linear(h, blk.qkv, blk.qkv_b).reshape(batch, -1, 3 * dim)
+            heads, inner = cfg.heads_at(i), cfg.attn_width(i)  # fewer heads in a pruned block
+            qkv = ops.linear(h, blk.qkv, blk.qkv_b).reshape(batch, -1, 3 * inner)
             if i < len(blocks) - 1:
-                attended = ops.attention(qkv, cfg.num_heads)
+                attended = ops.attention(qkv, heads)
             else:  # only the prefix rows go on from here
-                attended = vit_numpy.attention(qkv, cfg.num_heads, queries=n_prefix)
+                attended = vit_numpy.attention(qkv, heads, queries=n_prefix)
                 x = np.ascontiguousarray(x.reshape(batch, -1, dim)[:, :n_prefix]).reshape(-1, dim)
             # biases of proj, fc1 and fc2 ride on the fused op that follows each product
-            h = ops.residual_layernorm(x, ops.linear(attended.reshape(-1, dim), blk.proj), blk.proj_b,
+            h = ops.residual_layernorm(x, ops.linear(attended.reshape(-1, inner), blk.proj), blk.proj_b,
                                        *blk.norm2, cfg.norm_eps)
             hidden = ops.bias_gelu(ops.linear(h, blk.fc1), blk.fc1_b)
             norm = blocks[i + 1].norm1 if i < len(blocks) - 1 else self.norm

@@ -60,11 +60,14 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
+    """``heads`` heads of width ``cfg.head_dim`` (fewer than ``cfg.num_heads`` in a pruned block)."""
+
+    def __init__(self, cfg: ViTConfig, heads: int | None = None) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.embed_dim, cfg.embed_dim * 3, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.num_heads = cfg.num_heads if heads is None else heads
+        inner = self.num_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.embed_dim, inner * 3, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(inner, cfg.embed_dim)
         self.backend = "torch"
 
     def forward(self, x: torch.Tensor, capture: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -105,12 +108,12 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0) -> None:
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, index: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, cfg.heads_at(index))
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_at(index))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, capture: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -132,7 +135,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, dim))
         # stochastic-depth rate grows linearly with depth (plain floats: also works on the meta device)
         rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.ModuleList(Block(config, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(config, r, i) for i, r in enumerate(rates))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.head = nn.Linear(dim, config.num_classes) if config.num_classes else nn.Identity()
         self.head_dist = None
@@ -243,13 +246,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def vit_flops(cfg: ViTConfig) -> int:
-    """Multiply-accumulates x2 of one forward pass at batch 1 (matmuls, attention, patchify, heads).
+def vit_macs(cfg: ViTConfig) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (matmuls, attention, patchify, heads),
+    block by block, so a pruned block (fewer heads or MLP neurons) counts for what it computes.
 
     Counted analytically so that it is exact, cheap and independent of the attention backend."""
-    n, d = cfg.num_tokens, cfg.embed_dim
-    hidden = int(d * cfg.mlp_ratio)
-    per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
+    return vit_flops(cfg) // 2
+
+
+def block_macs(cfg: ViTConfig, heads: int, hidden: int) -> int:
+    """MACs of one block with ``heads`` heads of ``cfg.head_dim`` and ``hidden`` MLP neurons."""
+    n, d, inner = cfg.num_tokens, cfg.embed_dim, heads * cfg.head_dim
+    # qkv, q k^T and attn v, proj, fc1 + fc2
+    return n * d * 3 * inner + 2 * n * n * inner + n * inner * d + 2 * n * d * hidden
+
+
+def vit_flops(cfg: ViTConfig) -> int:
+    """2 x :func:`vit_macs` (multiply-accumulates counted as two operations)."""
+    d = cfg.embed_dim
+    blocks = sum(block_macs(cfg, cfg.heads_at(i), cfg.mlp_at(i)) for i in range(cfg.depth))
     patch_in = cfg.stem_channels if cfg.stem == "conv" else cfg.in_chans
     patch = cfg.num_patches * d * patch_in * cfg.patch_size ** 2
     stem = 0
@@ -257,5 +272,5 @@ def vit_flops(cfg: ViTConfig) -> int:
         pixels = cfg.img_size ** 2
         stem = pixels * 9 * (cfg.in_chans * cfg.stem_channels + cfg.stem_channels ** 2)
     heads = cfg.num_prefix_tokens * d * cfg.num_classes
-    return 2 * (cfg.depth * per_block + patch + stem + heads)
+    return 2 * (blocks + patch + stem + heads)
 
