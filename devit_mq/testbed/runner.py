@@ -1,0 +1,283 @@
+"""One testbed run: for each link profile, build the hosts, then measure DeViT, layer-wise pipeline
+partitioning and the monolithic teacher on the same links, one after the other, and tear down.
+
+Hosts: ``client``, ``aggregator``, ``edge0`` .. ``edge{N-1}``; every one has its own link at the
+profile's rate and (except the client, by default) the same CPU cap. DeViT runs its aggregator and
+edges there (``devit-mq node`` in each namespace); the pipeline runs its N stages on the N edge
+hosts; the monolith runs on ``edge0``. The client host runs :mod:`devit_mq.testbed.probe`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from devit_mq.metrics import percentiles
+
+from .net import HostSpec, Testbed, TestbedError
+from .profiles import LinkProfile, LinksFile
+
+log = logging.getLogger("devit_mq.testbed")
+SYSTEMS = ("devit", "pipeline", "monolith")
+STAGE_PORT = 5700
+RESULT_PORT = 5799
+ZMTP_SHORT_MAX = 255  # ZeroMQ frames up to this size have a 2-byte header, longer ones 9 bytes
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    latency_requests: int = 100
+    throughput_images: int = 60
+    warmup: int = 3
+    window: int = 4  # requests in flight for the pipelined throughput
+    timeout_s: float = 120.0
+    seed: int = 0
+
+
+QUICK = RunPlan(latency_requests=5, throughput_images=6, warmup=1, window=2)
+
+
+def _ms_stats(latencies_ms: Sequence[float]) -> dict[str, float]:
+    p = percentiles(list(latencies_ms), (50, 99))
+    return {"latency_p50_ms": p["p50"], "latency_p99_ms": p["p99"], "latency_mean_ms": float(np.mean(latencies_ms))}
+
+
+def testbed_topology(base: Path, bundle: Path, ips: dict[str, str], image_codec: str, work_dir: Path,
+                     image_quality: int | None = None) -> Path:
+    """``base`` (a ZeroMQ topology) with its aggregator and edges on the testbed's hosts."""
+    from devit_mq.topology import load_topology
+
+    data = load_topology(base, check_bundle=False).to_dict()
+    data.update(bundle=str(bundle.resolve()), image_codec=image_codec, name=f"{data['name']}-testbed")
+    if image_quality is not None:
+        data["image_quality"] = image_quality
+    data.pop("client", None)
+    data.pop("security", None)
+    for node in (data["aggregator"], *data["edges"]):
+        for key in ("rank", "ipc", "bind", "cpus"):
+            node.pop(key, None)
+        node["host"] = ips[node["name"]]
+    target = work_dir / f"{data['name']}.yaml"
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    load_topology(target)
+    return target
+
+
+def _framed(frames: Sequence[bytes]) -> int:
+    """Bytes of a ZeroMQ multipart message on its TCP stream (ZMTP 3 frame headers included)."""
+    return sum(len(f) + (2 if len(f) <= ZMTP_SHORT_MAX else 9) for f in frames)
+
+
+def predicted_bytes(system: str, topology_path: Path, stages: int) -> dict[str, int]:
+    """What the wire format says each host's link carries per image (both directions, ZMTP framing
+    included, TCP/IP headers not): DeViT's image to every edge, features, result; the pipeline's
+    image, fp16 activations between stages, result."""
+    from devit_mq.model import load_manifest
+    from devit_mq.protocol import FeaturesMeta, ResultMeta, StageTimes
+    from devit_mq.topology import load_topology
+    from devit_mq.wire import Kind, Message, encode
+
+    from .pipeline import ACTIVATION_CODEC
+
+    topology = load_topology(topology_path)
+    manifest = load_manifest(topology.bundle)
+    image = sample_image(manifest)
+    image_msg = _framed(encode(Message(Kind.IMAGE, "client", (1,), image[None], topology.image_codec,
+                                       reply_to="client", timestamps={"client_sent": 1.0},
+                                       **image_options(topology))))
+    classes = len(manifest.classes)
+    result_meta = ResultMeta(labels=[0], degraded=[False], missing=[[]], stages=[StageTimes()])
+    result = _framed(encode(Message(Kind.RESULT, "aggregator", (1,), np.zeros((1, classes), np.float32), "fp32",
+                                    result_meta, {"client_sent": 1.0, "edge": 1.0, "agg": 1.0}, "client")))
+    if system == "devit":
+        out = {"client": len(topology.edges) * image_msg + result}
+        agg = result
+        for edge in topology.edges:
+            cfg = manifest.submodels[edge.submodel]
+            feats = np.ones((1, cfg.num_prefix_tokens, cfg.embed_dim), np.float32)
+            msg = _framed(encode(Message(Kind.FEATURES, edge.name, (1,), feats, topology.codec,
+                                         FeaturesMeta(part=edge.submodel), {"client_sent": 1.0, "edge": 1.0},
+                                         "client")))
+            out[edge.name] = image_msg + msg
+            agg += msg
+        out["aggregator"] = agg
+        return out
+    teacher = manifest.teacher
+    assert teacher is not None
+    act = _framed(encode(Message(Kind.FEATURES, "stage0", (1,), np.ones((1, teacher.num_tokens, teacher.embed_dim),
+                                                                          np.float32), ACTIVATION_CODEC,
+                                 FeaturesMeta(part=0), {"client_sent": 1.0}, "client")))
+    hops = [image_msg] + [act] * (stages - 1) + [result]
+    out = {"client": image_msg + result}
+    for i in range(stages):
+        out[f"edge{i}"] = hops[i] + hops[i + 1]
+    return out
+
+
+def sample_image(manifest) -> np.ndarray:
+    """A real photo crop of the bundle's input shape (JPEG sizes depend on content)."""
+    from .probe import photo_crops
+
+    spec = manifest.input
+    return photo_crops(1, spec.img_size, seed=12345, channels=spec.in_chans)[0]
+
+
+def image_options(topology) -> dict[str, Any]:
+    """Extra :class:`~devit_mq.wire.Message` fields the topology's image codec takes."""
+    return {}
+
+
+class Phase:
+    """One system on a built testbed: start its servers, run the probe on the client host, stop."""
+
+    def __init__(self, tb: Testbed, system: str, profile: LinkProfile, plan: RunPlan, work_dir: Path,
+                 images_path: Path, python: str = sys.executable) -> None:
+        self.tb, self.system, self.profile, self.plan = tb, system, profile, plan
+        self.work_dir, self.images_path, self.python = work_dir, images_path, python
+        self.logs = work_dir / "logs" / profile.name
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _faults(self) -> list[str]:
+        if not (self.profile.delay_ms or self.profile.jitter_ms):
+            return []
+        return ["--delay-ms", f"{self.profile.delay_ms:g}", "--jitter-ms", f"{self.profile.jitter_ms:g}"]
+
+    def start_devit(self, topology_path: Path) -> None:
+        from devit_mq.topology import load_topology
+
+        topology = load_topology(topology_path)
+        for spec in (topology.aggregator, *topology.edges):
+            if self.profile.delay_ms or self.profile.jitter_ms:
+                faults = json.dumps({"delay_ms": self.profile.delay_ms, "jitter_ms": self.profile.jitter_ms})
+                argv = [self.python, "-m", "devit_mq.bench.faults", str(topology_path), "--name", spec.name,
+                        "--faults", faults, "--seed", str(spec.rank)]
+            else:
+                argv = [self.python, "-m", "devit_mq.cli", "node", str(topology_path), "--name", spec.name]
+            self.tb.spawn(spec.name, argv, self.logs / f"{self.system}-{spec.name}.log")
+
+    def start_chain(self, bundle: Path, stages: int, threads: int = 1) -> str:
+        """Start ``stages`` stages on edge0.. and return the first stage's endpoint."""
+        for i in range(stages):
+            host = f"edge{i}"
+            nxt = (f"tcp://{self.tb.ip(f'edge{i + 1}')}:{STAGE_PORT + i + 1}" if i + 1 < stages
+                   else f"tcp://{self.tb.ip('client')}:{RESULT_PORT}")
+            argv = [self.python, "-m", "devit_mq.testbed.pipeline", "--bundle", str(bundle), "--stage", str(i),
+                    "--stages", str(stages), "--bind", f"tcp://*:{STAGE_PORT + i}", "--next", nxt,
+                    "--threads", str(threads), "--seed", str(i), *self._faults()]
+            self.tb.spawn(host, argv, self.logs / f"{self.system}-stage{i}.log")
+        return f"tcp://{self.tb.ip('edge0')}:{STAGE_PORT}"
+
+    def probe(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Run the probe on the client host; returns its report plus the links' bytes measured
+        exactly around its measured part."""
+        p = self.plan
+        cfg = {"images": str(self.images_path), "warmup": p.warmup, "latency_requests": p.latency_requests,
+               "throughput_images": p.throughput_images, "window": p.window, "delay_ms": self.profile.delay_ms,
+               "jitter_ms": self.profile.jitter_ms, "seed": p.seed, "timeout_s": p.timeout_s,
+               "connect_timeout_s": p.timeout_s, **cfg}
+        cfg_path = self.work_dir / f"probe-{self.profile.name}-{self.system}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        err_path = self.logs / f"{self.system}-probe.log"
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(self.tb.command("client", [self.python, "-m", "devit_mq.testbed.probe",
+                                                               str(cfg_path)]),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    start_new_session=True)
+        self.tb.procs.append(proc)
+
+        def expect(word: str) -> str:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if line.strip() != word and word:
+                proc.kill()
+                raise TestbedError(f"{self.system} probe on {self.profile.name}: expected {word!r}, got "
+                                   f"{line.strip()[:200]!r}; see {err_path}:\n{_tail(err_path)}")
+            return line
+
+        assert proc.stdin is not None
+        expect("ready")
+        before = self.tb.link_bytes()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        expect("done")
+        after = self.tb.link_bytes()
+        proc.stdin.write("report\n")
+        proc.stdin.flush()
+        report = json.loads(expect(""))
+        proc.wait(30)
+        report["link_bytes"] = {h: {d: after[h][d] - before[h][d] for d in ("tx", "rx")} for h in after}
+        return report
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def summarize_phase(report: dict[str, Any], predicted: dict[str, int], hosts: Sequence[str]) -> dict[str, Any]:
+    n = report["images_measured"]
+    measured = {h: (b["tx"] + b["rx"]) / n for h, b in report["link_bytes"].items() if h in hosts}
+    out = {**_ms_stats(report["latencies_ms"]), "images_per_s": report["images_per_s"],
+           "bytes_per_image": {h: round(measured.get(h, 0.0)) for h in hosts},
+           "bytes_per_image_predicted": {h: predicted.get(h, 0) for h in hosts},
+           "bytes_per_image_ratio": {h: (measured[h] / predicted[h]) if predicted.get(h) else None for h in hosts},
+           "bytes_per_image_tx_rx": {h: {d: round(report["link_bytes"][h][d] / n) for d in ("tx", "rx")}
+                                     for h in hosts},
+           "window": report["window"], "throughput_images": report["throughput_images"],
+           "latency_requests": len(report["latencies_ms"]), "warmup_s": report["warmup_s"]}
+    return out
+
+
+def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], base_topology: Path, bundle: Path,
+                image_codec: str, images_path: Path, plan: RunPlan, work_dir: Path,
+                image_quality: int | None = None, say: Callable[[str], None] = print,
+                keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every system of ``systems`` on one freshly built testbed of ``profile``; torn down after."""
+    from devit_mq.model import load_manifest
+
+    manifest = load_manifest(bundle)
+    n = len(manifest.submodels)
+    names = ["client", "aggregator", *(f"edge{i}" for i in range(n))]
+    hosts = [HostSpec(name, profile.rate_mbit, *((links.client.cpu, links.client.cpus) if name == "client"
+                                                  else (links.device.cpu, links.device.cpus))) for name in names]
+    out: dict[str, Any] = {}
+    with Testbed(hosts) as tb:
+        if keep is not None:
+            keep["prefix"] = tb.prefix
+        ips = {name: tb.ip(name) for name in names}
+        topo = testbed_topology(base_topology, bundle, ips, image_codec, work_dir, image_quality)
+        for system in systems:
+            phase = Phase(tb, system, profile, plan, work_dir, images_path)
+            t0 = time.monotonic()
+            if system == "devit":
+                phase.start_devit(topo)
+                report = phase.probe({"system": "devit", "topology": str(topo)})
+                used = names
+                stages = n
+            else:
+                stages = n if system == "pipeline" else 1
+                first = phase.start_chain(bundle, stages)
+                report = phase.probe({"system": "chain", "first": first, "result_bind": f"tcp://*:{RESULT_PORT}",
+                                      "image_codec": image_codec, "image_quality": image_quality})
+                used = ["client", *(f"edge{i}" for i in range(stages))]
+            tb.stop_processes()
+            row = summarize_phase(report, predicted_bytes(system, topo, stages), used)
+            row["stages"] = stages if system != "devit" else None
+            row["probabilities"] = report["probabilities"]
+            out[system] = row
+            say(f"  {profile.name:14s} {system:9s} p50 {row['latency_p50_ms']:8.2f} ms  p99 "
+                f"{row['latency_p99_ms']:8.2f} ms  {row['images_per_s']:7.2f} img/s  bytes/img "
+                + ", ".join(f"{h} {b}" for h, b in row["bytes_per_image"].items())
+                + f"  ({time.monotonic() - t0:.0f} s)")
+    return out
