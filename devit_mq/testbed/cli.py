@@ -65,7 +65,7 @@ def _bundle(args: argparse.Namespace) -> Path:
 
 def table(results: dict[str, Any]) -> list[str]:
     """The markdown table: system x profile."""
-    lines = ["| profile | system | p50 ms | p99 ms | img/s (pipelined) | bytes/image per link (measured / wire format) |",
+    lines = ["| profile | system | p50 ms | p99 ms | img/s (pipelined) | bytes/image per link (measured / predicted) |",
              "|---|---|---:|---:|---:|---|"]
     for profile, systems in results["profiles"].items():
         for system, row in systems.items():

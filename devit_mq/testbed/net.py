@@ -46,6 +46,7 @@ STATE_DIR = Path("/run/devit-mq-testbed")
 SUBNET = "10.213.0"  # inside the run's own namespaces only
 FIRST_HOST_OCTET = 10
 CFS_PERIOD_US = 100_000
+MTU = 1500
 
 
 class TestbedError(RuntimeError):
@@ -180,6 +181,9 @@ class Testbed:
             run(["ip", "link", "set", host.veth_switch, "netns", self.switch])
             run(["ip", "link", "set", host.veth_host, "name", "eth0"], netns=ns)
             run(["ip", "addr", "add", f"{host.ip}/24", "dev", "eth0"], netns=ns)
+            # no segmentation offload: a veth would otherwise carry 64 KB super-packets, which neither a
+            # real NIC's wire nor the byte counters of one show
+            run(["ip", "link", "set", "dev", "eth0", "gso_max_size", str(MTU), "gso_max_segs", "1"], netns=ns)
             run(["ip", "link", "set", "eth0", "up"], netns=ns)
             run(["ip", "link", "set", host.veth_switch, "master", "br0"], netns=self.switch)
             run(["ip", "link", "set", host.veth_switch, "up"], netns=self.switch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ SYSTEMS = ("devit", "pipeline", "monolith")
 STAGE_PORT = 5700
 RESULT_PORT = 5799
 ZMTP_SHORT_MAX = 255  # ZeroMQ frames up to this size have a 2-byte header, longer ones 9 bytes
+FRAME_OVERHEAD = 14 + 20 + 32  # Ethernet, IPv4, TCP with timestamps
+MSS = 1500 - 20 - 32
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,17 @@ def _framed(frames: Sequence[bytes]) -> int:
     return sum(len(f) + (2 if len(f) <= ZMTP_SHORT_MAX else 9) for f in frames)
 
 
-def predicted_bytes(system: str, topology_path: Path, stages: int) -> dict[str, int]:
-    """What the wire format says each host's link carries per image (both directions, ZMTP framing
-    included, TCP/IP headers not): DeViT's image to every edge, features, result; the pipeline's
-    image, fp16 activations between stages, result."""
+def on_link(stream_bytes: float) -> float:
+    """What ``stream_bytes`` of one TCP stream cost on an Ethernet link: each MSS-sized segment
+    carries Ethernet + IPv4 + TCP (with timestamps) headers, and the receiver ACKs every second one."""
+    segments = math.ceil(stream_bytes / MSS)
+    return stream_bytes + segments * FRAME_OVERHEAD + math.ceil(segments / 2) * FRAME_OVERHEAD
+
+
+def predicted_messages(system: str, topology_path: Path, stages: int) -> dict[str, list[int]]:
+    """The messages (their bytes on the TCP stream, ZMTP framing included) each host's link carries
+    per image, both directions: DeViT's image to every edge, features, result; the pipeline's image,
+    fp16 activations between stages, result."""
     from devit_mq.model import load_manifest
     from devit_mq.protocol import FeaturesMeta, ResultMeta, StageTimes
     from devit_mq.topology import load_topology
@@ -100,16 +110,16 @@ def predicted_bytes(system: str, topology_path: Path, stages: int) -> dict[str, 
     result = _framed(encode(Message(Kind.RESULT, "aggregator", (1,), np.zeros((1, classes), np.float32), "fp32",
                                     result_meta, {"client_sent": 1.0, "edge": 1.0, "agg": 1.0}, "client")))
     if system == "devit":
-        out = {"client": len(topology.edges) * image_msg + result}
-        agg = result
+        out = {"client": [image_msg] * len(topology.edges) + [result]}
+        agg = [result]
         for edge in topology.edges:
             cfg = manifest.submodels[edge.submodel]
             feats = np.ones((1, cfg.num_prefix_tokens, cfg.embed_dim), np.float32)
             msg = _framed(encode(Message(Kind.FEATURES, edge.name, (1,), feats, topology.codec,
                                          FeaturesMeta(part=edge.submodel), {"client_sent": 1.0, "edge": 1.0},
                                          "client")))
-            out[edge.name] = image_msg + msg
-            agg += msg
+            out[edge.name] = [image_msg, msg]
+            agg.append(msg)
         out["aggregator"] = agg
         return out
     teacher = manifest.teacher
@@ -118,9 +128,9 @@ def predicted_bytes(system: str, topology_path: Path, stages: int) -> dict[str, 
                                                                           np.float32), ACTIVATION_CODEC,
                                  FeaturesMeta(part=0), {"client_sent": 1.0}, "client")))
     hops = [image_msg] + [act] * (stages - 1) + [result]
-    out = {"client": image_msg + result}
+    out = {"client": [image_msg, result]}
     for i in range(stages):
-        out[f"edge{i}"] = hops[i] + hops[i + 1]
+        out[f"edge{i}"] = [hops[i], hops[i + 1]]
     return out
 
 
@@ -225,12 +235,17 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def summarize_phase(report: dict[str, Any], predicted: dict[str, int], hosts: Sequence[str]) -> dict[str, Any]:
+def summarize_phase(report: dict[str, Any], messages: dict[str, list[int]], hosts: Sequence[str]) -> dict[str, Any]:
+    """``bytes_per_image``: measured on each host's interface (both directions); ``..._wire``: the
+    wire format's messages (ZMTP framing included); ``..._predicted``: those plus the TCP/IP/Ethernet
+    headers and ACKs they need on the link (:func:`on_link`), what the measurement is compared to."""
     n = report["images_measured"]
     measured = {h: (b["tx"] + b["rx"]) / n for h, b in report["link_bytes"].items() if h in hosts}
+    predicted = {h: round(sum(map(on_link, messages.get(h, [])))) for h in hosts}
     out = {**_ms_stats(report["latencies_ms"]), "images_per_s": report["images_per_s"],
            "bytes_per_image": {h: round(measured.get(h, 0.0)) for h in hosts},
-           "bytes_per_image_predicted": {h: predicted.get(h, 0) for h in hosts},
+           "bytes_per_image_wire": {h: sum(messages.get(h, [])) for h in hosts},
+           "bytes_per_image_predicted": predicted,
            "bytes_per_image_ratio": {h: (measured[h] / predicted[h]) if predicted.get(h) else None for h in hosts},
            "bytes_per_image_tx_rx": {h: {d: round(report["link_bytes"][h][d] / n) for d in ("tx", "rx")}
                                      for h in hosts},
@@ -272,7 +287,7 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
                                       "image_codec": image_codec, "image_quality": image_quality})
                 used = ["client", *(f"edge{i}" for i in range(stages))]
             tb.stop_processes()
-            row = summarize_phase(report, predicted_bytes(system, topo, stages), used)
+            row = summarize_phase(report, predicted_messages(system, topo, stages), used)
             row["stages"] = stages if system != "devit" else None
             row["probabilities"] = report["probabilities"]
             out[system] = row
