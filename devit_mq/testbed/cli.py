@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup", action="store_true",
                    help="remove leftovers (namespaces, veths, qdiscs, cgroups) of runs whose owner is gone")
     p.add_argument("--prefix", default=None, help="with --cleanup: remove exactly this run's leftovers")
+    p.add_argument("--jpeg-accuracy", default=None, metavar="TOPOLOGY",
+                   help="only measure what jpeg images cost in fused accuracy on TOPOLOGY's bundle's test split "
+                        "(in-process, no root needed), at --qualities")
+    p.add_argument("--qualities", default="50,75,90,95", help="with --jpeg-accuracy: JPEG qualities to measure")
     p.add_argument("--require", action="store_true", help="fail (exit 1) instead of skipping where it cannot run")
     add_log_arguments(p, default_level="warning")
     return p
@@ -115,6 +119,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args, node="testbed")
+    if args.jpeg_accuracy:
+        from .accuracy import jpeg_accuracy_cost
+
+        cost = jpeg_accuracy_cost(args.jpeg_accuracy, [int(q) for q in args.qualities.split(",")])
+        print(f"jpeg accuracy cost on {cost['images']} test images ({cost['source']}), features {cost['codec']}: "
+              f"raw {cost['raw']['accuracy_pct']:.2f}% ({cost['raw']['bytes_per_image']} B/image)")
+        for quality, row in cost["jpeg"].items():
+            print(f"  quality {quality:>3}: {row['accuracy_pct']:.2f}% (cost {row['cost_points']:+.2f} points), "
+                  f"{row['bytes_per_image']:.0f} B/image, mean |pixel error| {row['mean_abs_pixel_error']:.2f}")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(cost, indent=1))
+        return 0
     if args.cleanup:
         if (reason := unavailable_reason()) is not None and "root" in reason:
             print(f"devit-mq testbed: {reason}", file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from devit_mq.protocol import FeaturesMeta, ResultMeta, StageTimes
+from devit_mq.protocol import DEFAULT_JPEG_QUALITY, FeaturesMeta, ResultMeta, StageTimes
 from devit_mq.wire import Kind, Limits, Message, decode, encode
 
 log = logging.getLogger("devit_mq.testbed")
@@ -183,19 +183,19 @@ class ChainClient:
     receives RESULTs on its own bound socket."""
 
     def __init__(self, first_endpoint: str, result_bind: str, image_codec: str = "raw", delay_s: float = 0.0,
-                 jitter_s: float = 0.0, seed: int = 0) -> None:
+                 jitter_s: float = 0.0, seed: int = 0, image_quality: int = DEFAULT_JPEG_QUALITY) -> None:
         self.ctx = zmq.Context()
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
         self.results.bind(result_bind)
         self.sender = DelayedSender(self.ctx, first_endpoint, delay_s, jitter_s, seed)
-        self.image_codec = image_codec
+        self.image_codec, self.image_quality = image_codec, image_quality
         self.next_id = 1
 
     def _send(self, image: np.ndarray) -> int:
         rid, self.next_id = self.next_id, self.next_id + 1
         msg = Message(Kind.IMAGE, "client", (rid,), image[None], self.image_codec, reply_to="client",
-                      timestamps={"client_sent": time.time()})
+                      timestamps={"client_sent": time.time()}, quality=self.image_quality)
         self.sender.send(encode(msg))
         return rid
 

@@ -90,7 +90,7 @@ def _chain_client(cfg: dict[str, Any]):
     from .pipeline import ChainClient
 
     client = ChainClient(cfg["first"], cfg["result_bind"], cfg["image_codec"], cfg["delay_ms"] / 1e3,
-                         cfg["jitter_ms"] / 1e3, cfg["seed"])
+                         cfg["jitter_ms"] / 1e3, cfg["seed"], cfg["image_quality"])
 
     def run(images: np.ndarray, window: int) -> tuple[list[float], np.ndarray]:
         return client.run(images, window=window, timeout_s=cfg["connect_timeout_s"])

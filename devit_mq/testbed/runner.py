@@ -144,7 +144,7 @@ def sample_image(manifest) -> np.ndarray:
 
 def image_options(topology) -> dict[str, Any]:
     """Extra :class:`~devit_mq.wire.Message` fields the topology's image codec takes."""
-    return {}
+    return {"quality": topology.image_quality}
 
 
 class Phase:
@@ -260,6 +260,7 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
                 keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every system of ``systems`` on one freshly built testbed of ``profile``; torn down after."""
     from devit_mq.model import load_manifest
+    from devit_mq.topology import load_topology
 
     manifest = load_manifest(bundle)
     n = len(manifest.submodels)
@@ -284,7 +285,8 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
                 stages = n if system == "pipeline" else 1
                 first = phase.start_chain(bundle, stages)
                 report = phase.probe({"system": "chain", "first": first, "result_bind": f"tcp://*:{RESULT_PORT}",
-                                      "image_codec": image_codec, "image_quality": image_quality})
+                                      "image_codec": image_codec,
+                                      "image_quality": load_topology(topo).image_quality})
                 used = ["client", *(f"edge{i}" for i in range(stages))]
             tb.stop_processes()
             row = summarize_phase(report, predicted_messages(system, topo, stages), used)
