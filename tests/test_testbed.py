@@ -80,7 +80,9 @@ def test_short_run_answers_like_loopback_and_leaves_nothing(tmp_path):
     for system, row in out.items():
         assert row["latency_p50_ms"] > 0 and row["images_per_s"] > 0, system
         for host, ratio in row["bytes_per_image_ratio"].items():
-            assert ratio is not None and ratio > 0.9, (system, host, row["bytes_per_image"])
+            # measured on the interface vs the wire format (+ TCP/IP headers and ACKs); the small-message
+            # aggregator link also carries the edges' telemetry, which grows under load
+            assert ratio is not None and 0.9 < ratio < 1.3, (system, host, row["bytes_per_image"])
     assert out["monolith"]["probabilities"]  # the monolith answered too
 
 

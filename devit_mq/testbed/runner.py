@@ -35,6 +35,7 @@ RESULT_PORT = 5799
 ZMTP_SHORT_MAX = 255  # ZeroMQ frames up to this size have a 2-byte header, longer ones 9 bytes
 FRAME_OVERHEAD = 14 + 20 + 32  # Ethernet, IPv4, TCP with timestamps
 MSS = 1500 - 20 - 32
+IDLE_S = 1.0  # the idle window before each measurement that gives the links' background traffic
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,11 @@ def on_link(stream_bytes: float) -> float:
     return stream_bytes + segments * FRAME_OVERHEAD + math.ceil(segments / 2) * FRAME_OVERHEAD
 
 
-def predicted_messages(system: str, topology_path: Path, stages: int) -> dict[str, list[int]]:
+def predicted_messages(system: str, topology_path: Path, stages: int, images: np.ndarray) -> dict[str, list[float]]:
     """The messages (their bytes on the TCP stream, ZMTP framing included) each host's link carries
     per image, both directions: DeViT's image to every edge, features, result; the pipeline's image,
-    fp16 activations between stages, result."""
+    fp16 activations between stages, result. An image message is the mean over ``images`` (the
+    requests measured: a JPEG's size depends on its content)."""
     from devit_mq.model import load_manifest
     from devit_mq.protocol import FeaturesMeta, ResultMeta, StageTimes
     from devit_mq.topology import load_topology
@@ -101,10 +103,10 @@ def predicted_messages(system: str, topology_path: Path, stages: int) -> dict[st
 
     topology = load_topology(topology_path)
     manifest = load_manifest(topology.bundle)
-    image = sample_image(manifest)
-    image_msg = _framed(encode(Message(Kind.IMAGE, "client", (1,), image[None], topology.image_codec,
-                                       reply_to="client", timestamps={"client_sent": 1.0},
-                                       **image_options(topology))))
+    image_msg = float(np.mean([_framed(encode(Message(Kind.IMAGE, "client", (1,), image[None], topology.image_codec,
+                                                      reply_to="client", timestamps={"client_sent": 1.0},
+                                                      quality=topology.image_quality)))
+                               for image in images]))
     classes = len(manifest.classes)
     result_meta = ResultMeta(labels=[0], degraded=[False], missing=[[]], stages=[StageTimes()])
     result = _framed(encode(Message(Kind.RESULT, "aggregator", (1,), np.zeros((1, classes), np.float32), "fp32",
@@ -134,17 +136,11 @@ def predicted_messages(system: str, topology_path: Path, stages: int) -> dict[st
     return out
 
 
-def sample_image(manifest) -> np.ndarray:
-    """A real photo crop of the bundle's input shape (JPEG sizes depend on content)."""
-    from .probe import photo_crops
-
-    spec = manifest.input
-    return photo_crops(1, spec.img_size, seed=12345, channels=spec.in_chans)[0]
-
-
-def image_options(topology) -> dict[str, Any]:
-    """Extra :class:`~devit_mq.wire.Message` fields the topology's image codec takes."""
-    return {"quality": topology.image_quality}
+def measured_images(images_path: Path, plan: RunPlan) -> np.ndarray:
+    """The images the probe sends between "go" and "done" (latency requests, then throughput)."""
+    images = np.load(images_path)
+    return np.concatenate([images[np.arange(plan.latency_requests) % len(images)],
+                           images[np.arange(plan.throughput_images) % len(images)]])
 
 
 class Phase:
@@ -215,7 +211,10 @@ class Phase:
 
         assert proc.stdin is not None
         expect("ready")
+        idle = self.tb.link_bytes()
+        time.sleep(IDLE_S)  # what flows without requests (heartbeats): subtracted from the measurement
         before = self.tb.link_bytes()
+        t_go = time.monotonic()
         proc.stdin.write("go\n")
         proc.stdin.flush()
         expect("done")
@@ -224,7 +223,11 @@ class Phase:
         proc.stdin.flush()
         report = json.loads(expect(""))
         proc.wait(30)
+        measured_s = time.monotonic() - t_go
         report["link_bytes"] = {h: {d: after[h][d] - before[h][d] for d in ("tx", "rx")} for h in after}
+        report["background_bytes"] = {h: {d: (before[h][d] - idle[h][d]) * measured_s / IDLE_S for d in ("tx", "rx")}
+                                      for h in after}
+        report["measured_s"] = measured_s
         return report
 
 
@@ -235,20 +238,23 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def summarize_phase(report: dict[str, Any], messages: dict[str, list[int]], hosts: Sequence[str]) -> dict[str, Any]:
+def summarize_phase(report: dict[str, Any], messages: dict[str, list[float]], hosts: Sequence[str]) -> dict[str, Any]:
     """``bytes_per_image``: measured on each host's interface (both directions); ``..._wire``: the
     wire format's messages (ZMTP framing included); ``..._predicted``: those plus the TCP/IP/Ethernet
     headers and ACKs they need on the link (:func:`on_link`), what the measurement is compared to."""
     n = report["images_measured"]
-    measured = {h: (b["tx"] + b["rx"]) / n for h, b in report["link_bytes"].items() if h in hosts}
+    net = {h: {d: max(b[d] - report["background_bytes"][h][d], 0.0) for d in ("tx", "rx")}
+           for h, b in report["link_bytes"].items()}
+    measured = {h: (b["tx"] + b["rx"]) / n for h, b in net.items() if h in hosts}
     predicted = {h: round(sum(map(on_link, messages.get(h, [])))) for h in hosts}
     out = {**_ms_stats(report["latencies_ms"]), "images_per_s": report["images_per_s"],
            "bytes_per_image": {h: round(measured.get(h, 0.0)) for h in hosts},
-           "bytes_per_image_wire": {h: sum(messages.get(h, [])) for h in hosts},
+           "bytes_per_image_wire": {h: round(sum(messages.get(h, []))) for h in hosts},
            "bytes_per_image_predicted": predicted,
            "bytes_per_image_ratio": {h: (measured[h] / predicted[h]) if predicted.get(h) else None for h in hosts},
-           "bytes_per_image_tx_rx": {h: {d: round(report["link_bytes"][h][d] / n) for d in ("tx", "rx")}
-                                     for h in hosts},
+           "bytes_per_image_tx_rx": {h: {d: round(net[h][d] / n) for d in ("tx", "rx")} for h in hosts},
+           "background_bytes_per_s": {h: round(sum(report["background_bytes"][h].values()) / report["measured_s"])
+                                      for h in hosts},
            "window": report["window"], "throughput_images": report["throughput_images"],
            "latency_requests": len(report["latencies_ms"]), "warmup_s": report["warmup_s"]}
     return out
@@ -289,7 +295,8 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
                                       "image_quality": load_topology(topo).image_quality})
                 used = ["client", *(f"edge{i}" for i in range(stages))]
             tb.stop_processes()
-            row = summarize_phase(report, predicted_messages(system, topo, stages), used)
+            row = summarize_phase(report, predicted_messages(system, topo, stages, measured_images(images_path, plan)),
+                                  used)
             row["stages"] = stages if system != "devit" else None
             row["probabilities"] = report["probabilities"]
             out[system] = row
