@@ -80,9 +80,11 @@ def test_short_run_answers_like_loopback_and_leaves_nothing(tmp_path):
     for system, row in out.items():
         assert row["latency_p50_ms"] > 0 and row["images_per_s"] > 0, system
         for host, ratio in row["bytes_per_image_ratio"].items():
-            # measured on the interface vs the wire format (+ TCP/IP headers and ACKs); the small-message
-            # aggregator link also carries the edges' telemetry, which grows under load
-            assert ratio is not None and 0.9 < ratio < 1.3, (system, host, row["bytes_per_image"])
+            # measured on the interface vs the wire format (+ TCP/IP headers and ACKs); the aggregator's
+            # link carries only small messages next to the edges' heartbeats, whose share (estimated
+            # from an idle second and subtracted) is large at a few requests: a loose bound there
+            low, high = (0.5, 1.5) if host == "aggregator" else (0.93, 1.07)
+            assert ratio is not None and low < ratio < high, (system, host, row["bytes_per_image"])
     assert out["monolith"]["probabilities"]  # the monolith answered too
 
 

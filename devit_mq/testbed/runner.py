@@ -35,7 +35,7 @@ RESULT_PORT = 5799
 ZMTP_SHORT_MAX = 255  # ZeroMQ frames up to this size have a 2-byte header, longer ones 9 bytes
 FRAME_OVERHEAD = 14 + 20 + 32  # Ethernet, IPv4, TCP with timestamps
 MSS = 1500 - 20 - 32
-IDLE_S = 1.0  # the idle window before each measurement that gives the links' background traffic
+IDLE_S = 2.0  # the idle window before each measurement that gives the links' background traffic
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def predicted_messages(system: str, topology_path: Path, stages: int, images: np
     fp16 activations between stages, result. An image message is the mean over ``images`` (the
     requests measured: a JPEG's size depends on its content)."""
     from devit_mq.model import load_manifest
+    from devit_mq.nodes.client import default_client_name
     from devit_mq.protocol import FeaturesMeta, ResultMeta, StageTimes
     from devit_mq.topology import load_topology
     from devit_mq.wire import Kind, Message, encode
@@ -103,23 +104,27 @@ def predicted_messages(system: str, topology_path: Path, stages: int, images: np
 
     topology = load_topology(topology_path)
     manifest = load_manifest(topology.bundle)
-    image_msg = float(np.mean([_framed(encode(Message(Kind.IMAGE, "client", (1,), image[None], topology.image_codec,
-                                                      reply_to="client", timestamps={"client_sent": 1.0},
+    client_name = default_client_name() if system == "devit" else "client"  # names travel in every header
+    image_msg = float(np.mean([_framed(encode(Message(Kind.IMAGE, client_name, (1,), image[None], topology.image_codec,
+                                                      reply_to=client_name, timestamps={"client_sent": 1.5},
                                                       quality=topology.image_quality)))
                                for image in images]))
     classes = len(manifest.classes)
-    result_meta = ResultMeta(labels=[0], degraded=[False], missing=[[]], stages=[StageTimes()])
-    result = _framed(encode(Message(Kind.RESULT, "aggregator", (1,), np.zeros((1, classes), np.float32), "fp32",
-                                    result_meta, {"client_sent": 1.0, "edge": 1.0, "agg": 1.0}, "client")))
+    # metas and stamps as the nodes fill them (floats travel as 9 bytes whatever their value)
+    times = StageTimes(edge_compute_ms=1.5, edge_queue_ms=0.5, fuse_ms=0.25, hold_ms=2.5)
+    result_meta = ResultMeta(labels=[0], degraded=[False], missing=[[]], stages=[times])
+    result = _framed(encode(Message(Kind.RESULT, "aggregator", (1 << 40,), np.zeros((1, classes), np.float32),
+                                    "fp32", result_meta, {"agg_sent": 1.5}, client_name)))
     if system == "devit":
         out = {"client": [image_msg] * len(topology.edges) + [result]}
         agg = [result]
         for edge in topology.edges:
             cfg = manifest.submodels[edge.submodel]
             feats = np.ones((1, cfg.num_prefix_tokens, cfg.embed_dim), np.float32)
-            msg = _framed(encode(Message(Kind.FEATURES, edge.name, (1,), feats, topology.codec,
-                                         FeaturesMeta(part=edge.submodel), {"client_sent": 1.0, "edge": 1.0},
-                                         "client")))
+            meta = FeaturesMeta(part=edge.submodel, compute_ms=1.5, queue_ms=0.5, batch=1)
+            stamps = {"client_sent": 1.5, "edge_recv": 1.5, "edge_sent": 1.5}
+            msg = _framed(encode(Message(Kind.FEATURES, edge.name, (1 << 40,), feats, topology.codec, meta, stamps,
+                                         client_name)))
             out[edge.name] = [image_msg, msg]
             agg.append(msg)
         out["aggregator"] = agg
@@ -128,7 +133,10 @@ def predicted_messages(system: str, topology_path: Path, stages: int, images: np
     assert teacher is not None
     act = _framed(encode(Message(Kind.FEATURES, "stage0", (1,), np.ones((1, teacher.num_tokens, teacher.embed_dim),
                                                                           np.float32), ACTIVATION_CODEC,
-                                 FeaturesMeta(part=0), {"client_sent": 1.0}, "client")))
+                                 FeaturesMeta(part=0, compute_ms=1.5), {"client_sent": 1.5}, "client")))
+    chain_meta = ResultMeta(labels=[0], degraded=[False], missing=[[]], stages=[StageTimes(edge_compute_ms=1.5)])
+    result = _framed(encode(Message(Kind.RESULT, f"stage{stages - 1}", (1,), np.zeros((1, classes), np.float32),
+                                    "fp32", chain_meta, {"client_sent": 1.5}, "client")))
     hops = [image_msg] + [act] * (stages - 1) + [result]
     out = {"client": [image_msg, result]}
     for i in range(stages):
