@@ -55,10 +55,11 @@ bench-hostile: install
 
 # The edge testbed (root): every link profile of topologies/testbed/links.yaml, DeViT vs layer-wise
 # pipeline partitioning vs the monolithic teacher on the same emulated hosts and links (bench shapes,
-# real photos as JPEG), with the table, JSON and plot (about 10 minutes).
+# real photos), once with raw and once with JPEG images: tables, JSON and plots (about 10 minutes).
+TESTBED_ARGS ?= --requests 80 --throughput-images 48
 testbed: install
-	$(DEVIT) testbed --image-codec jpeg --requests 100 --throughput-images 60 --json runs/testbed.json \
-		--plot runs/testbed.png
+	$(DEVIT) testbed --image-codec raw $(TESTBED_ARGS) --json runs/testbed-raw.json --plot runs/testbed-raw.png
+	$(DEVIT) testbed --image-codec jpeg $(TESTBED_ARGS) --json runs/testbed-jpeg.json --plot runs/testbed-jpeg.png
 
 # Remove what testbed runs whose owner process died left behind (namespaces, veths, qdiscs, cgroups).
 testbed-cleanup: install
