@@ -90,6 +90,17 @@ def speedups(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _without_probabilities(results: dict[str, Any]) -> dict[str, Any]:
+    """The JSON keeps each answer's label, not its probability vector (1000 floats per request)."""
+    out = json.loads(json.dumps(results))
+    for systems in out["profiles"].values():
+        for row in systems.values():
+            probs = row.pop("probabilities", None)
+            if probs is not None:
+                row["labels"] = [int(np.argmax(p)) for p in probs]
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -198,7 +209,7 @@ def main(argv: list[str]) -> int:
     print("after teardown: " + json.dumps(results["teardown_leftovers"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(_without_probabilities(results), indent=1))
     if args.plot is not None:
         plot(results, args.plot)
     logging.getLogger("devit_mq").debug("done")
