@@ -28,7 +28,12 @@ def photo_crops(n: int, size: int, seed: int = 0, channels: int = 3) -> np.ndarr
     """``n`` random square crops (a side of 40-100% of the photo's height, resized to ``size``) of
     scikit-learn's two sample photographs, uint8 ``[n, size, size, channels]``."""
     from PIL import Image
-    from sklearn.datasets import load_sample_images
+
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        raise RuntimeError("the testbed's photos come from scikit-learn: pip install scikit-learn "
+                           "(the 'dev' extra has it)") from None
 
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
