@@ -134,3 +134,26 @@ def test_cleanup_removes_what_a_killed_run_left_and_keeps_live_runs(tmp_path):
     done = subprocess.run(cli, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and f"removed {prefix}" in done.stdout, done.stdout + done.stderr
     assert_nothing_left(prefix)
+
+
+def test_without_root_the_command_skips_with_the_reason(monkeypatch, capsys):
+    from devit_mq.testbed import cli
+
+    monkeypatch.setattr(cli, "unavailable_reason", lambda: "the testbed needs root (network namespaces, tc and cgroups)")
+    assert cli.main(["--quick"]) == 0
+    assert "skipped: the testbed needs root" in capsys.readouterr().err
+    assert cli.main(["--quick", "--require"]) == 1
+
+
+def test_a_malformed_links_file_is_one_error_line(tmp_path, capsys):
+    from devit_mq.testbed import cli
+
+    bad = tmp_path / "links.yaml"
+    bad.write_text("profiles:\n  slow: {rate_mbit: -1}\n")
+    if REASON is None:
+        assert cli.main(["--links", str(bad)]) == 2
+        assert "profiles.slow.rate_mbit: expected a number > 0" in capsys.readouterr().err
+    from devit_mq.testbed.profiles import ProfileError
+
+    with pytest.raises(ProfileError, match="rate_mbit"):
+        load_links(bad)
