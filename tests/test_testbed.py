@@ -47,6 +47,15 @@ def test_shipped_link_profiles_load():
     assert {"gigabit", "fast-ethernet", "wifi-20"} <= set(links.profiles)
     assert links.profiles["wifi-20"].rate_mbit == 20 and links.profiles["wifi-20"].delay_ms == 5
     assert links.device.cpu is not None and links.client.cpu is None
+    assert links.device_of("edge0") == links.device and links.device_of("client") == links.client
+
+
+def test_hosts_can_be_made_unequal(tmp_path):
+    path = tmp_path / "links.yaml"
+    path.write_text("profiles: {lan: {rate_mbit: 100}}\ndevices: {cpu: 0.9}\nhosts: {edge1: {cpu: 0.4, cpus: [1]}}\n")
+    links = load_links(path)
+    assert links.device_of("edge0").cpu == 0.9
+    assert (links.device_of("edge1").cpu, links.device_of("edge1").cpus) == (0.4, (1,))
 
 
 @needs_testbed

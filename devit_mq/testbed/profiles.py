@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ class LinksFile:
     profiles: dict[str, LinkProfile]
     device: Device
     client: Device
+    hosts: dict[str, Device] = field(default_factory=dict)  # per-host overrides: unequal devices
+
+    def device_of(self, host: str) -> Device:
+        if host in self.hosts:
+            return self.hosts[host]
+        return self.client if host == "client" else self.device
 
 
 def _number(where: str, value: Any, minimum: float, above: bool = False) -> float:
@@ -75,4 +81,10 @@ def load_links(path: str | Path = DEFAULT_PROFILES) -> LinksFile:
                                      _number(f"{where}.jitter_ms", raw.get("jitter_ms", 0.0), 0.0),
                                      str(raw.get("note", "")))
     device = _device(f"{path}: devices", data.get("devices"))
-    return LinksFile(profiles, device, _device(f"{path}: client", data.get("client"), device))
+    client = _device(f"{path}: client", data.get("client"), device)
+    raw_hosts = data.get("hosts") or {}
+    if not isinstance(raw_hosts, dict):
+        raise ProfileError(f"{path}: hosts: expected a mapping of host name -> {{cpu, cpus}}")
+    hosts = {str(name): _device(f"{path}: hosts.{name}", raw, client if name == "client" else device)
+             for name, raw in raw_hosts.items()}
+    return LinksFile(profiles, device, client, hosts)
