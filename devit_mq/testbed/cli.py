@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from devit_mq.logs import add_log_arguments, setup_logging
+from devit_mq.protocol import IMAGE_CODECS
 
 from .net import TestbedError, cleanup, leftovers, unavailable_reason
 from .profiles import DEFAULT_PROFILES, ProfileError, load_links
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="issue", choices=("issue", "tiny"),
                    help="random-weight bench bundle: issue = ViT-S/16 teacher vs 2 x ViT-Ti/16 at 224x224")
     p.add_argument("--bundle", type=Path, default=None, help="use this bundle (it must ship a teacher)")
-    p.add_argument("--image-codec", default="raw", help="how images travel: raw | jpeg")
+    p.add_argument("--image-codec", default="raw", choices=IMAGE_CODECS, help="how images travel (default raw)")
     p.add_argument("--image-quality", type=int, default=None, help="JPEG quality (default: the topology's)")
     p.add_argument("--requests", type=int, default=RunPlan.latency_requests, help="batch-1 latency requests")
     p.add_argument("--throughput-images", type=int, default=RunPlan.throughput_images)
