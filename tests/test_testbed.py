@@ -78,8 +78,8 @@ def test_short_run_answers_like_loopback_and_leaves_nothing(tmp_path):
     np.save(images_path, images)
     links = load_links()
     keep: dict = {}
-    out = run_profile(LinkProfile("test", 100.0), links, ["devit", "monolith"], base, bundle, "raw", images_path,
-                      QUICK, tmp_path, keep=keep, say=lambda _m: None)
+    out = run_profile(LinkProfile("test", 100.0), links, ["devit", "pipeline", "monolith"], base, bundle, "raw",
+                      images_path, QUICK, tmp_path, keep=keep, say=lambda _m: None)
     assert_nothing_left(keep["prefix"])
 
     with Launcher(base, log_dir=tmp_path / "loopback") as launcher:
@@ -94,7 +94,16 @@ def test_short_run_answers_like_loopback_and_leaves_nothing(tmp_path):
             # from an idle second and subtracted) is large at a few requests: a loose bound there
             low, high = (0.5, 1.5) if host == "aggregator" else (0.93, 1.07)
             assert ratio is not None and low < ratio < high, (system, host, row["bytes_per_image"])
-    assert out["monolith"]["probabilities"]  # the monolith answered too
+    # the monolith is the in-process teacher; the pipeline is it too, up to its fp16 activations
+    import torch
+
+    from devit_mq.model import load_manifest, load_teacher
+
+    manifest = load_manifest(bundle)
+    with torch.inference_mode():
+        teacher = load_teacher(bundle, manifest)(manifest.input.to_tensor(images)).softmax(-1).numpy()
+    np.testing.assert_allclose(np.array(out["monolith"]["probabilities"]), teacher, atol=1e-5)
+    np.testing.assert_allclose(np.array(out["pipeline"]["probabilities"]), teacher, atol=2e-3)
 
 
 def _owner_script(tmp_path: Path) -> Path:
