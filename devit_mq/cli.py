@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("devit_mq.nodes.cli:main_node", "start one node of a topology (how multi-host deployments run)"),
     "launch": ("devit_mq.nodes.cli:main_launch", "start and supervise every local node of a ZeroMQ topology"),
     "mpi": ("devit_mq.nodes.cli:main_mpi", "run under mpirun: map ranks to the topology's nodes"),
+    "status": ("devit_mq.nodes.status:main", "every node's state from the aggregator (exit 0 ready, 1 degraded, 2 unreachable)"),
+    "dashboard": ("devit_mq.nodes.dashboard:main", "serve a live web page of a running topology's nodes and links"),
     "infer": ("devit_mq.nodes.cli:main_infer", "classify image files through a running topology"),
     "demo": ("devit_mq.nodes.cli:main_demo", "launch the default topology and classify the default test split"),
     "bench": ("devit_mq.bench.cli:main", "benchmarks: TOPOLOGY | kernels | wire"),

@@ -86,3 +86,14 @@ def write_topology(path: Path, bundle: Path, n_edges: int = 2, transport: str = 
             node.pop("host"), node.pop("port")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def one_error_line(out, *needles: str) -> str:
+    """A command's stderr is exactly one ``devit-mq: error: ...`` line (no traceback) holding ``needles``."""
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("devit-mq: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

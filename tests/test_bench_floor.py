@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from devit_mq.bench import cli
-from devit_mq.bench.floor import FloorError, mpi_floor, zmq_floor
+from devit_mq.bench.floor import FloorError, mpi_floor, summarize, zmq_floor
 
 TAG = "DEVIT_MQ_FLOOR_TEST"  # inherited by every child and MPI rank, so that orphans can be found too
 
@@ -72,17 +72,24 @@ def test_mpi_floor_smoke(tag):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("floor", [zmq_floor, pytest.param(mpi_floor, marks=pytest.mark.mpi)])
-def test_busy_floor_edges_really_work_and_overhead_excludes_it(tag, floor):
-    """With edge work the reported figures are latency minus the work: the work must really happen
-    (the mean request takes at least the work: the reported mean cannot be far below 0) and be
-    subtracted (reported p50 far below the work itself)."""
+def test_busy_floor_edges_really_work(tag, floor):
+    """With edge work the reported figures are latency minus the work (see the summarize test),
+    and the work must really happen: else latency - work would be below 0. (How far above 0 the
+    residual is depends on the machine's load: not a test's business.)"""
     work_ms = 15.0
     result = floor(849, [142, 142], requests=12, warmup=2, rounds=2, timeout_s=60, edge_work_ms=work_ms)
     check_result(result, result["transport"], 12, 2)
     assert result["edge_work_ms"] == work_ms
-    assert result["p50_us"] < work_ms * 1e3 / 2  # the work was subtracted
-    assert min(result["rounds_p50_us"]) > 0  # ... and was done: else latency - work would be < 0
+    assert min(result["rounds_p50_us"]) > 0
     assert leftovers(tag) == []
+
+
+def test_summarize_subtracts_the_edges_work():
+    result = summarize("zmq", [15_300.0, 15_100.0, 15_200.0, 15_400.0], rounds=2, image_bytes=849,
+                       feature_bytes=[142, 142], edge_work_ms=15.0)
+    assert result["p50_us"] == pytest.approx(250.0)
+    assert result["rounds_p50_us"] == pytest.approx([200.0, 300.0])  # rounds in arrival order
+    assert result["mean_us"] == pytest.approx(250.0) and result["n"] == 4
 
 
 def test_busy_work_keeps_the_core_busy_for_its_time():

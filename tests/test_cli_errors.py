@@ -16,23 +16,13 @@ from PIL import Image
 
 from devit_mq.nodes.launcher import Launcher
 
-from .runtime_helpers import images, make_bundle, write_topology
+from .runtime_helpers import images, make_bundle, one_error_line, write_topology
 
 CLI = [sys.executable, "-m", "devit_mq.cli"]
 
 
 def run(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
-
-
-def one_error_line(out: subprocess.CompletedProcess, *needles: str) -> str:
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("devit-mq: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,13 +90,24 @@ def test_systemd_units_command_and_environment_serve_a_topology(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["degraded"] is False
+        # the Dockerfile's health checks against these nodes: healthy, then an edge dies
+        assert healthcheck("edge", topo, "edge1", env) == 0
+        assert healthcheck("aggregator", topo, "aggregator", env) == 0
+        procs[2].kill()
+        procs[2].wait(10)
+        deadline = time.monotonic() + 20  # the aggregator counts an edge down after its silence window
+        while healthcheck("edge", topo, "edge1", env) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert healthcheck("edge", topo, "edge1", env) == 1
+        assert healthcheck("edge", topo, "edge0", env) == 0
+        assert healthcheck("aggregator", topo, "aggregator", env) == 0  # degraded is not its fault
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)  # the unit's KillSignal
         logs = [p.communicate(timeout=30)[1] for p in procs]
     assert service["KillSignal"] == ["SIGTERM"]
-    assert [p.returncode for p in procs] == [0, 0, 0], logs
-    for log in logs:  # --log-format json from the unit's command line: every line is one JSON object
+    assert [p.returncode for p in procs[:2]] == [0, 0], logs
+    for log in logs[:2]:  # --log-format json from the unit's command line: every line is one JSON object
         lines = [line for line in log.splitlines() if line.strip()]
         assert lines and all(json.loads(line)["level"] for line in lines)
 
@@ -125,6 +137,14 @@ def stage_of(target: str) -> list[tuple[str, str]]:
         if current == target:
             out.append((ins, args))
     return out
+
+
+def healthcheck(target: str, topology: Path, node: str, env: dict[str, str]) -> int:
+    """Run a Dockerfile stage's HEALTHCHECK command here, with the test's topology for /topology.yaml."""
+    (check,) = [args for ins, args in stage_of(target) if ins == "HEALTHCHECK"]
+    argv = json.loads(check.split(" CMD ", 1)[1])
+    script = argv[2].replace("/topology.yaml", str(topology)).replace("devit-mq ", f"{DEVIT} ")
+    return subprocess.run([*argv[:2], script], env=dict(env, DEVIT_MQ_NODE=node), timeout=60).returncode
 
 
 def test_dockerfile_has_both_images_and_copies_what_exists():

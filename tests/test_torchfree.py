@@ -40,7 +40,8 @@ sys.meta_path.insert(0, _TorchGuard())
 
 RUNTIME_MODULES = ["devit_mq", "devit_mq.cli", "devit_mq.protocol", "devit_mq.wire", "devit_mq.transport",
                    "devit_mq.topology", "devit_mq.topology.cli", "devit_mq.nodes", "devit_mq.nodes.runtime",
-                   "devit_mq.nodes.cli", "devit_mq.nodes.launcher", "devit_mq.nodes.executor",
+                   "devit_mq.nodes.cli", "devit_mq.nodes.launcher", "devit_mq.nodes.executor", "devit_mq.nodes.status",
+                   "devit_mq.nodes.dashboard",
                    "devit_mq.model.numpy_vit", "devit_mq.model.manifest", "devit_mq.kernels.vit_numba",
                    "devit_mq.data", "devit_mq.metrics"]
 

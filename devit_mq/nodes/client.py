@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -113,6 +113,13 @@ def latency_breakdown(answers: Sequence[Answer]) -> dict[str, Any]:
     }
 
 
+class Outstanding(NamedTuple):
+    """A request that went out and has no answer yet."""
+
+    sent: float  # time.perf_counter() when it was sent
+    epoch: int  # the concurrency limit's epoch then (an overloaded answer cuts the limit once per epoch)
+
+
 def default_client_name() -> str:
     return f"client-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -146,9 +153,8 @@ class ClientNode(NodeBase):
         self.timeout_s = timeout_s
         # ids are unique per client; a random base keeps restarts from colliding with late answers
         self._ids = itertools.count(secrets.randbits(40) << 16)
-        self.outstanding: dict[int, float] = {}  # request id -> send time (perf_counter)
+        self.outstanding: dict[int, Outstanding] = {}  # request id -> when and in which limit epoch it went out
         self.limit = ConcurrencyLimit()  # adaptive: cut by the system's "overloaded" answers
-        self._epoch_of: dict[int, int] = {}  # request id -> the limit's epoch when it was sent
         self.status: dict = {}
         self._held: list[Answer] = []  # answers received while waiting for something else
         self._skip_until: dict[str, float] = {}  # edge -> time.monotonic() before which it is skipped
@@ -206,8 +212,7 @@ class ClientNode(NodeBase):
                       reply_to=self.name, timestamps={"client_sent": time.time()}, quality=self.image_quality)
         now = time.perf_counter()
         for rid in ids:
-            self.outstanding[rid] = now
-            self._epoch_of[rid] = self.limit.epoch
+            self.outstanding[rid] = Outstanding(now, self.limit.epoch)
         # an edge that just refused a send is skipped for a while (its part is zero-filled by the
         # aggregator's deadline) instead of costing every request a send timeout
         now_s = time.monotonic()
@@ -243,11 +248,11 @@ class ClientNode(NodeBase):
             assert isinstance(meta, ResultMeta) and msg.array is not None
             width = msg.array.shape[1]
             for row, rid in enumerate(msg.request_ids):
-                sent = self.outstanding.pop(rid, None)
-                if sent is None:
+                req = self.outstanding.pop(rid, None)
+                if req is None:
                     self.metrics.count("unexpected_answers")
                     continue
-                self._epoch_of.pop(rid, None)
+                sent = req.sent
                 self.limit.on_answer()
                 label = meta.labels[row]
                 stages = to_builtins(meta.stages[row]) if meta.stages else {}
@@ -261,12 +266,11 @@ class ClientNode(NodeBase):
             assert isinstance(meta, ErrorMeta)
             text = f"{meta.code}: {meta.message}"
             for rid in msg.request_ids:
-                sent = self.outstanding.pop(rid, None)
-                if sent is not None:
-                    epoch = self._epoch_of.pop(rid, -1)
+                req = self.outstanding.pop(rid, None)
+                if req is not None:
                     if meta.code == "overloaded":
-                        self.limit.on_overloaded(epoch, len(self.outstanding))
-                    out.append(Answer(rid, error=text, latency_s=now - sent))
+                        self.limit.on_overloaded(req.epoch, len(self.outstanding))
+                    out.append(Answer(rid, error=text, latency_s=now - req.sent))
         elif isinstance(meta, Status):
             self.status = to_builtins(meta)
         else:
@@ -275,10 +279,9 @@ class ClientNode(NodeBase):
 
     def _expire(self) -> list[Answer]:
         now = time.perf_counter()
-        late = [rid for rid, sent in self.outstanding.items() if now - sent > self.timeout_s]
+        late = [rid for rid, req in self.outstanding.items() if now - req.sent > self.timeout_s]
         for rid in late:
             del self.outstanding[rid]
-            self._epoch_of.pop(rid, None)
         return [Answer(rid, error=f"timeout: no answer within {self.timeout_s:g}s", latency_s=self.timeout_s)
                 for rid in late]
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import zmq
 
-from devit_mq.topology import Link, Topology
+from devit_mq.topology import Link, RoutePlan, Topology
 
 from . import security
 from .base import Inbound, Peer, PeerGone, Transport, TransportError, check_frames
@@ -52,13 +52,16 @@ _PATTERN_SOCKET = {"request": zmq.DEALER, "push": zmq.PUSH}
 class ZmqTransport(Transport):
     """One node (or an implicit client) of a ZeroMQ topology."""
 
-    def __init__(self, topology: Topology, node: str, *, send_timeout: float = 5.0) -> None:
+    def __init__(self, topology: Topology, node: str, *, send_timeout: float = 5.0,
+                 plan: RoutePlan | None = None) -> None:
+        """``plan`` (default: the topology's for ``node``) may narrow the wiring, e.g. a status
+        probe that talks to the aggregator only and opens no connection to the edges."""
         if send_timeout <= 0:
             raise ValueError(f"send_timeout must be > 0, got {send_timeout}")
         self.topology = topology
         self.node = node
         self.send_timeout = send_timeout
-        self.plan = topology.route_plan(node)
+        self.plan = plan or topology.route_plan(node)
         self.curve = topology.security.curve
         self._closed = False
         self._ctx = zmq.Context()
