@@ -7,7 +7,7 @@ DEVIT   := $(VENV)/bin/devit-mq
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire bench-hostile stress stress-faults capacity \
+.PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire bench-hostile testbed testbed-cleanup stress stress-faults capacity \
         train-default bundles lint clean
 
 install: $(STAMP)
@@ -52,6 +52,18 @@ bench-wire: install
 # alive, answers correct, time to recover, RSS before/after. tests/test_hostile.py is the short version.
 bench-hostile: install
 	$(DEVIT) bench hostile topologies/bench-2edge.yaml --frames 20000 --json runs/hostile.json
+
+# The edge testbed (root): every link profile of topologies/testbed/links.yaml, DeViT vs layer-wise
+# pipeline partitioning vs the monolithic teacher on the same emulated hosts and links (bench shapes,
+# real photos), once with raw and once with JPEG images: tables, JSON and plots (about 10 minutes).
+TESTBED_ARGS ?= --requests 80 --throughput-images 48
+testbed: install
+	$(DEVIT) testbed --image-codec raw $(TESTBED_ARGS) --json runs/testbed-raw.json --plot runs/testbed-raw.png
+	$(DEVIT) testbed --image-codec jpeg $(TESTBED_ARGS) --json runs/testbed-jpeg.json --plot runs/testbed-jpeg.png
+
+# Remove what testbed runs whose owner process died left behind (namespaces, veths, qdiscs, cgroups).
+testbed-cleanup: install
+	$(DEVIT) testbed --cleanup
 
 # Closed loop (4 clients) for 5 minutes on the benchmark shapes (random weights): saturates the edges,
 # so the report's "sustained / slowest edge standalone" ratio and RSS growth are meaningful.

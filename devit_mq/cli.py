@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("devit_mq.nodes.cli:main_demo", "launch the default topology and classify the default test split"),
     "bench": ("devit_mq.bench.cli:main", "benchmarks: TOPOLOGY | kernels | wire"),
     "stress": ("devit_mq.bench.stress:main", "open/closed-loop load against a running topology"),
+    "testbed": ("devit_mq.testbed.cli:main", "DeViT vs pipeline partitioning vs the monolith on emulated hosts and links (root)"),
     "keys": ("devit_mq.transport.security:main_keys", "generate CURVE key pairs for a secured topology"),
 }
 

@@ -30,12 +30,15 @@ from msgspec import Meta, Struct
 
 # 2: typed meta per kind, control ops as a tagged union, names restricted to NAME_RE
 # 3: status replies say how long ago each edge was heard from and which package version runs
-WIRE_VERSION = 3
+# 4: the ``jpeg`` image codec
+WIRE_VERSION = 4
 
 #: every array codec, in the order reports list them; ``raw`` carries images (their own dtype)
-CODEC_NAMES = ("raw", "fp32", "fp16", "bf16", "int8", "int8-block")
+CODEC_NAMES = ("raw", "fp32", "fp16", "bf16", "int8", "int8-block", "jpeg")
 FEATURE_CODECS = ("fp32", "fp16", "bf16", "int8", "int8-block")  # edge -> aggregator
-IMAGE_CODECS = ("raw",)  # client -> edges
+IMAGE_CODECS = ("raw", "jpeg")  # client -> edges
+DEFAULT_JPEG_QUALITY = 90  # the topology's image_quality when it names none
+JPEG_QUALITY_RANGE = (1, 95)  # Pillow: above 95 only grows the file
 ATTENTION_BACKENDS = ("torch", "naive", "numba", "cuda", "auto")
 # what runs an edge's sub-model forward: "auto" picks the fastest torch-free one at start-up
 EDGE_EXECUTORS = ("auto", "torch", "numba", "numpy")

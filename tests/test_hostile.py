@@ -22,6 +22,7 @@ from devit_mq.bench.hostile import (
     Target,
     attack_deaf_flood,
     features_msg,
+    hostile_jpeg_payloads,
     tamper_meta,
 )
 from devit_mq.nodes.launcher import Launcher
@@ -131,6 +132,28 @@ def test_image_with_many_timestamps_does_not_stop_an_edge(live):
     live.check_serving()
     for edge in ("edge0", "edge1"):
         assert live.counters(edge).get("encode_failed", 0) == 0  # only known stamps are forwarded
+
+
+def test_hostile_jpeg_images_are_dropped_before_decoding_and_edges_keep_serving(live):
+    """jpeg IMAGE payloads that lie (a 4096x4096 file behind a 16x16 header, another mode, truncated,
+    garbage, a wrong lengths table): each is a wire error at the edge, memory stays flat."""
+    payloads = hostile_jpeg_payloads(IMGS[:1])
+    head = encode(Message(Kind.IMAGE, "mallory", (9,), IMGS[:1], codec="jpeg", reply_to="mallory"))[0]
+    before = {edge: live.count(edge, "wire_errors") for edge in ("edge0", "edge1")}
+    rss = live.rss()
+    raw = Raw(live.topology)
+    for _ in range(20):
+        for payload in payloads:
+            for edge in ("edge0", "edge1"):
+                raw.send(edge, [head, payload])
+    raw.close()
+    for edge in ("edge0", "edge1"):
+        live.wait_count(edge, "wire_errors", before[edge] + 20 * len(payloads))
+    live.alive()
+    live.check_serving()
+    after = live.rss()
+    for edge in ("edge0", "edge1"):
+        assert after[edge] - rss[edge] < 30, (edge, rss[edge], after[edge])  # never 64 MB of pixels
 
 
 def test_distinct_sender_names_and_fat_heartbeats_keep_memory_and_replies_bounded(live):

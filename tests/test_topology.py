@@ -190,7 +190,9 @@ MISTAKES = {
     "bad transport": (
         lambda d: d.update(transport="zeromq"), "transport: 'zeromq' is not one of zmq, mpi"),
     "bad image codec": (
-        lambda d: d.update(image_codec="jpeg"), "image_codec: 'jpeg' is not one of raw"),
+        lambda d: d.update(image_codec="png"), "image_codec: 'png' is not one of raw, jpeg"),
+    "bad image quality": (
+        lambda d: d.update(image_quality=100), "image_quality: must be <= 95, got 100"),
     "bad attention": (
         lambda d: d["edges"][0].update(attention="numbaa"), "edges[0].attention: 'numbaa' is not one of "
                                                              f"{', '.join(ATTENTION_BACKENDS)}; did you mean 'numba'?"),

@@ -600,7 +600,7 @@ def test_encode_array_and_decode_array_directly():
     with pytest.raises(WireError) as info:
         decode_array(enc._replace(shape=[2, 1, 40]))
     assert info.value.field == "shape"
-    assert set(CODECS) == {"raw", "fp32", "fp16", "bf16", "int8", "int8-block"}
+    assert set(CODECS) == {"raw", "fp32", "fp16", "bf16", "int8", "int8-block", "jpeg"}
 
 
 def test_routing_checksum_catches_a_corrupted_request_id():
@@ -632,3 +632,92 @@ def test_encode_refuses_a_timestamp_the_receiver_would_drop(stamp):
         encode(Message(Kind.CONTROL, "client-1", meta=Hello(), timestamps={"sent": stamp}))
     assert err.value.field == "timestamps"
     assert decode(encode(Message(Kind.CONTROL, "client-1", meta=Hello(), timestamps={"sent": 1e300}))).timestamps
+
+
+# -- jpeg: lossy, variable-length images, validated before they are decoded ---------------------------
+
+def _photo(n: int = 2, size: int = 32, channels: int = 3) -> np.ndarray:
+    """Smooth image content (JPEG's case): gradients plus a little noise."""
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([(x * 255 / size), (y * 255 / size), ((x + y) * 127 / size)], -1)[..., :channels]
+    noise = np.random.default_rng(0).normal(0, 4, (n, size, size, channels))
+    return np.clip(base[None] + noise, 0, 255).astype(np.uint8)
+
+
+def _jpeg_file(image: np.ndarray, **save: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, **{"format": "JPEG", **save})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_images_round_trip_close_and_smaller(channels):
+    images = _photo(3, 32, channels)
+    for quality in (50, 90):
+        frames = encode(Message(Kind.IMAGE, "client", (1, 2, 3), images, "jpeg", reply_to="client", quality=quality))
+        out = decode(frames).array
+        assert out.shape == images.shape and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - images).mean() < (6 if quality == 90 else 10)
+        assert len(frames[1]) < images.nbytes
+    header = msgpack.unpackb(frames[0])
+    assert (header["c"], header["t"], header["h"]) == ("jpeg", "uint8", [3, 32, 32, channels])
+
+
+def test_jpeg_encoder_refuses_what_it_cannot_carry():
+    with pytest.raises(WireError, match="quality"):
+        encode(Message(Kind.IMAGE, "c", (1,), _photo(1), "jpeg", reply_to="c", quality=0))
+    with pytest.raises(WireError, match="uint8"):
+        encode(Message(Kind.IMAGE, "c", (1,), _photo(1).astype(np.uint16), "jpeg", reply_to="c"))
+    with pytest.raises(WireError, match="C = 1 or 3"):
+        encode(Message(Kind.IMAGE, "c", (1,), np.zeros((1, 8, 8, 2), np.uint8), "jpeg", reply_to="c"))
+    with pytest.raises(WireError, match="length"):
+        payload_nbytes("jpeg", "uint8", (1, 8, 8, 3))
+
+
+def test_hostile_jpeg_payloads_are_dropped_before_decoding():
+    image = _photo(1, 32)
+    msg = Message(Kind.IMAGE, "c", (1,), image, "jpeg", reply_to="c")
+    good = _jpeg_file(image[0])
+
+    def payload(*files: bytes, lengths: list[int] | None = None) -> bytes:
+        sizes = lengths if lengths is not None else [len(f) for f in files]
+        return struct.pack(f"<{len(sizes)}I", *sizes) + b"".join(files)
+
+    assert decode(tamper(msg, payload(good))).array.shape == (1, 32, 32, 3)
+    # dimensions other than the header's -- a 32x32 header must never decode a large image
+    big = _jpeg_file(np.zeros((64, 640, 3), np.uint8))
+    assert "640x64" in str(assert_wire_error("payload", tamper(msg, payload(big))))
+    # a greyscale or CMYK file where the header says RGB
+    assert_wire_error("payload", tamper(msg, payload(_jpeg_file(image[0, ..., 0]))))
+    import io
+
+    from PIL import Image
+
+    cmyk = io.BytesIO()
+    Image.fromarray(image[0]).convert("CMYK").save(cmyk, format="JPEG")
+    assert_wire_error("payload", tamper(msg, payload(cmyk.getvalue())))
+    # another format, truncated data, garbage, a lengths table that does not add up
+    png = io.BytesIO()
+    Image.fromarray(image[0]).save(png, format="PNG")
+    assert_wire_error("payload", tamper(msg, payload(png.getvalue())))
+    assert_wire_error("payload", tamper(msg, payload(good[: len(good) // 2])))
+    assert_wire_error("payload", tamper(msg, payload(b"\xff\xd8\xff" + b"\x00" * 50)))
+    assert_wire_error("payload", tamper(msg, payload(good, lengths=[len(good) + 1])))
+    assert_wire_error("payload", tamper(msg, payload(good, lengths=[0])))
+    assert_wire_error("payload", tamper(msg, b"\x01"))
+    # a header shape beyond the message-size limit is refused before the payload is looked at
+    assert_wire_error("shape", tamper(msg, payload(good), h=[1, 8192, 8192, 3]))
+    # jpeg is an image codec: wrong axes (a FEATURES-shaped array) and channel counts are refused
+    assert_wire_error("shape", tamper(msg, payload(good), h=[1, 32, 32, 4]))
+
+
+def test_jpeg_decompression_bomb_is_refused(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # so a 32x32 file counts as a bomb
+    msg = Message(Kind.IMAGE, "c", (1,), _photo(1, 32), "jpeg", reply_to="c")
+    assert "Decompression" in str(assert_wire_error("payload", encode(msg)))

@@ -131,6 +131,45 @@ def attack_many_timestamps(t: Target, n: int) -> int:
     return sent
 
 
+def _jpeg_file(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=50)
+    return buf.getvalue()
+
+
+def hostile_jpeg_payloads(image: np.ndarray) -> list[bytes]:
+    """JPEG payloads for a ``[1, H, W, C]`` IMAGE header that a receiver must drop before decoding:
+    a 4096x4096 file (64 MB of pixels from a ~100 KB file), a file of another mode, a truncated one,
+    garbage after the JPEG marker, and a lengths table that does not add up."""
+    h, w, c = image.shape[1:]
+    good = _jpeg_file(image[0, ..., 0] if c == 1 else image[0])
+    big = _jpeg_file(np.zeros((4096, 4096), np.uint8) if c == 1 else np.zeros((4096, 4096, 3), np.uint8))
+    other = _jpeg_file(np.zeros((h, w, 3 if c == 1 else 1), np.uint8).squeeze())
+
+    def framed(data: bytes, length: int | None = None) -> bytes:
+        return np.array([len(data) if length is None else length], "<u4").tobytes() + data
+
+    return [framed(big), framed(other), framed(good[: len(good) // 2]), framed(b"\xff\xd8\xff" + bytes(64)),
+            framed(good, len(good) + 7)]
+
+
+def attack_hostile_jpeg(t: Target, n: int) -> int:
+    """IMAGE requests whose jpeg payloads lie about their size or are no JPEG (a bomb, another mode,
+    truncated, garbage, a wrong lengths table): dropped before any pixel is decoded."""
+    raw, sent = Raw(t.topology), 0
+    head = encode(Message(Kind.IMAGE, "mallory", (1,), t.image, codec="jpeg", reply_to="mallory"))[0]
+    payloads = hostile_jpeg_payloads(t.image)
+    for i in range(n):
+        raw.send(_edges(t)[i % len(_edges(t))], [head, payloads[i % len(payloads)]])
+        sent += 1
+    raw.close()
+    return sent
+
+
 def attack_name_flood(t: Target, n: int) -> int:
     """Messages under ``n`` distinct sender names (grew per-source counters past the message cap)."""
     raw, sent = Raw(t.topology), 0
@@ -241,6 +280,7 @@ def attack_push_flood(t: Target, n: int, senders: int = 50) -> int:
 ATTACKS: dict[str, tuple[Callable[[Target, int], int], str]] = {
     "hostile meta": (attack_hostile_meta, "FEATURES/ready with meta.part [0] / 0.0, compute_ms 'abc', NaN ..."),
     "64 timestamps": (attack_many_timestamps, "IMAGE carrying the 64-entry timestamp maximum"),
+    "hostile jpeg": (attack_hostile_jpeg, "IMAGE as jpeg: a 4096x4096 file, wrong mode, truncated, garbage"),
     "name flood": (attack_name_flood, "status queries and images under distinct sender names"),
     "fat heartbeats": (attack_fat_heartbeats, "heartbeats with 100 KB telemetry maps, claiming edge0"),
     "admin ops": (attack_admin_ops, "shutdown to every node without the launch's token"),

@@ -18,7 +18,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from devit_mq.metrics import percentiles
-from devit_mq.protocol import ErrorMeta, Hello, Kind, ResultMeta, Shutdown, Status, StatusQuery, to_builtins
+from devit_mq.protocol import (
+    DEFAULT_JPEG_QUALITY,
+    ErrorMeta,
+    Hello,
+    Kind,
+    ResultMeta,
+    Shutdown,
+    Status,
+    StatusQuery,
+    to_builtins,
+)
 from devit_mq.transport import Transport
 from devit_mq.wire import Limits, Message
 
@@ -132,12 +142,14 @@ class ClientNode(NodeBase):
         timeout_s: float = 30.0,
         limits: Limits | None = None,
         admin_token: str | None = None,
+        image_quality: int = DEFAULT_JPEG_QUALITY,
     ) -> None:
         super().__init__(name, transport, roster, limits)
         self.edges = [roster.owners[p] for p in sorted(roster.owners)]
         self.aggregator = roster.aggregator
         self.admin_token = admin_token
         self.image_codec = image_codec
+        self.image_quality = image_quality  # for image_codec "jpeg"
         self.timeout_s = timeout_s
         # ids are unique per client; a random base keeps restarts from colliding with late answers
         self._ids = itertools.count(secrets.randbits(40) << 16)
@@ -197,7 +209,7 @@ class ClientNode(NodeBase):
                               for rid in ids)
             return ids
         msg = Message(Kind.IMAGE, self.name, request_ids=tuple(ids), array=images, codec=self.image_codec,
-                      reply_to=self.name, timestamps={"client_sent": time.time()})
+                      reply_to=self.name, timestamps={"client_sent": time.time()}, quality=self.image_quality)
         now = time.perf_counter()
         for rid in ids:
             self.outstanding[rid] = Outstanding(now, self.limit.epoch)

@@ -61,7 +61,7 @@ def wire_bytes_per_image(topology: Topology, manifest: Manifest) -> dict[str, in
     """Bytes of one batch-1 message on each link (header + payload), measured by encoding one."""
     image = np.zeros((1, *manifest.input.image_shape), np.uint8)
     img_msg = Message(Kind.IMAGE, "client", request_ids=(1,), array=image, codec=topology.image_codec,
-                      reply_to="client")
+                      reply_to="client", quality=topology.image_quality)
     out = {"image (client->each edge)": sum(map(len, encode(img_msg)))}
     for part, cfg in enumerate(manifest.submodels):
         feats = np.random.default_rng(0).standard_normal((1, cfg.num_prefix_tokens, cfg.embed_dim)).astype(np.float32)

@@ -143,7 +143,7 @@ def make_client(topology: Topology, transport: Transport, name: str, timeout_s: 
     only a client that holds it may ask them to shut down (where CURVE does not authenticate)."""
     warmup()
     return ClientNode(name, transport, roster(topology), image_codec=topology.image_codec, timeout_s=timeout_s,
-                      limits=wire_limits(topology), admin_token=admin_token)
+                      limits=wire_limits(topology), admin_token=admin_token, image_quality=topology.image_quality)
 
 
 def client_name(topology: Topology, requested: str | None = None, *, admin: bool = False) -> str:

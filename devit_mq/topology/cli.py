@@ -54,7 +54,8 @@ def summary(topology: Topology, manifest: Any | None) -> str:
     """The human-readable report ``devit-mq check`` prints."""
     t = topology
     lines = [f"topology {t.name!r} ({t.source or 'mapping'})",
-             f"  transport {t.transport}, codec {t.codec}, image codec {t.image_codec}, "
+             f"  transport {t.transport}, codec {t.codec}, image codec {t.image_codec}"
+             f"{f' (quality {t.image_quality})' if t.image_codec == 'jpeg' else ''}, "
              f"max message {t.limits.max_message_bytes} B, hwm {t.limits.hwm}"]
     if manifest is not None:
         widths = ", ".join(str(c.embed_dim) for c in manifest.submodels)

@@ -7,7 +7,8 @@ A topology is a YAML file (or the equivalent mapping)::
                              # name of a bundle shipped in the package: devit_mq/assets/bundles/<name>/
     transport: zmq           # zmq | mpi
     codec: int8              # features edge->aggregator: fp32 | fp16 | bf16 | int8 | int8-block
-    image_codec: raw         # images client->edges travel as uint8
+    image_codec: raw         # images client->edges: raw (uint8 as they are) | jpeg (Pillow, lossy)
+    image_quality: 90        # the JPEG quality the clients encode at (1-95; only with jpeg)
     limits: {max_message_bytes: 16777216, hwm: 1000}
     security: {curve: false, keys_dir: keys/}   # ZeroMQ CURVE; keys from `devit-mq keys DIR --nodes ...`
     defaults:                # any node setting below; a node's own value wins
@@ -31,7 +32,8 @@ A topology is a YAML file (or the equivalent mapping)::
 Keys, by section (everything not marked *required* has the default shown):
 
 - top level: ``name`` (*required*), ``bundle`` (*required*), ``transport`` (``zmq``), ``codec``
-  (``fp16``), ``image_codec`` (``raw``), ``limits``, ``security``, ``defaults``, ``aggregator``
+  (``fp16``), ``image_codec`` (``raw``), ``image_quality`` (90: the clients' JPEG quality, 1-95,
+  used only with ``image_codec: jpeg``), ``limits``, ``security``, ``defaults``, ``aggregator``
   (*required*), ``edges`` (*required*, a non-empty list), ``client`` (*required* for MPI).
 - ``limits``: ``max_message_bytes`` (16 MiB; larger messages are refused by the sender and dropped by
   the receiver), ``hwm`` (1000: messages queued per peer before a send waits, then times out).
@@ -80,10 +82,12 @@ from typing import Any
 from devit_mq.protocol import (
     ATTENTION_BACKENDS,
     DEFAULT_HWM,
+    DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_MESSAGE_BYTES,
     EDGE_EXECUTORS,
     FEATURE_CODECS,
     IMAGE_CODECS,
+    JPEG_QUALITY_RANGE,
     MAX_PARTS,
     MISSING_POLICIES,
     NAME_RE,
@@ -95,7 +99,7 @@ CODECS = FEATURE_CODECS  # what `codec:` takes
 # Linux's sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
 
-TOP_KEYS = ("name", "bundle", "transport", "codec", "image_codec", "limits", "security", "defaults",
+TOP_KEYS = ("name", "bundle", "transport", "codec", "image_codec", "image_quality", "limits", "security", "defaults",
             "aggregator", "edges", "client")
 LIMIT_KEYS = ("max_message_bytes", "hwm")
 SECURITY_KEYS = ("curve", "keys_dir")
@@ -288,6 +292,7 @@ class Topology:
     edges: tuple[NodeSpec, ...]
     client: NodeSpec | None = None
     source: Path | None = field(default=None, compare=False)
+    image_quality: int = DEFAULT_JPEG_QUALITY  # what clients encode JPEG images at
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
@@ -359,7 +364,8 @@ class Topology:
 
         out: dict[str, Any] = {
             "name": self.name, "bundle": str(self.bundle), "transport": self.transport, "codec": self.codec,
-            "image_codec": self.image_codec, "limits": dataclasses.asdict(self.limits),
+            "image_codec": self.image_codec, "image_quality": self.image_quality,
+            "limits": dataclasses.asdict(self.limits),
             "security": {"curve": self.security.curve,
                          **({"keys_dir": str(self.security.keys_dir)} if self.security.keys_dir else {})},
             "aggregator": node_dict(self.aggregator),
@@ -656,6 +662,8 @@ def parse_topology(data: Any, *, base_dir: Path, source: Path | None = None,
     transport = ck.value(top, "transport", "", str, "zmq", choices=TRANSPORTS)
     codec = ck.value(top, "codec", "", str, "fp16", choices=CODECS)
     image_codec = ck.value(top, "image_codec", "", str, "raw", choices=IMAGE_CODECS)
+    image_quality = ck.value(top, "image_quality", "", int, DEFAULT_JPEG_QUALITY, minimum=JPEG_QUALITY_RANGE[0],
+                             maximum=JPEG_QUALITY_RANGE[1])
 
     limits = LinkLimits()
     if top.get("limits") is not None and (raw := ck.mapping(top["limits"], "limits")) is not None:
@@ -732,7 +740,8 @@ def parse_topology(data: Any, *, base_dir: Path, source: Path | None = None,
 
     assert aggregator is not None and bundle is not None  # no problems means both parsed
     return Topology(
-        name=name, bundle=bundle, transport=transport, codec=codec, image_codec=image_codec, limits=limits,
+        name=name, bundle=bundle, transport=transport, codec=codec, image_codec=image_codec,
+        image_quality=image_quality, limits=limits,
         security=security, aggregator=spec(aggregator),
         edges=tuple(sorted((spec(e) for e in edges), key=lambda e: e.submodel if e.submodel is not None else -1)),
         client=spec(client) if client is not None else None, source=source,

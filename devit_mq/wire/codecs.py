@@ -16,7 +16,17 @@ codec          payload dtype   payload layout
                                ``max|x| / 127`` per vector along the last axis (N = all other axes)
 ``int8-block`` int8            ``float32 scales[N, ceil(D / block)]`` then ``int8 q[N, D]``: one
                                scale per ``block`` elements of each vector
+``jpeg``       uint8           ``uint32 lengths[B]`` then B baseline/progressive JPEG files, one per
+                               image of a ``[B, H, W, C]`` uint8 batch (C = 1: greyscale, 3: RGB)
 =============  ==============  ===================================================================
+
+``jpeg`` is the one lossy, variable-length codec (images only): its payload length is checked
+against the lengths table instead of the shape, and every file is checked before it is decoded
+-- it must be a JPEG whose own header gives exactly the message's ``H x W`` and mode (the header's
+shape is already bounded by the message-size limit), so a hostile file cannot make the receiver
+decode more pixels than a ``raw`` message of the same limit could carry (Pillow's decompression-bomb
+limit applies as well). The encoder's quality is the sender's choice (the topology's
+``image_quality``); it does not travel.
 
 The int8 scales sit at the *front* of the payload so that, for an aligned frame, the float32 scale
 array is aligned too. Decoding returns float32 for every codec but ``raw``; int8 is dequantised
@@ -40,7 +50,9 @@ installed. The kernels compile on first use (about 1 s, then cached on disk; imp
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -49,7 +61,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from devit_mq.kernels import codec as _k
-from devit_mq.protocol import CODEC_NAMES
+from devit_mq.protocol import CODEC_NAMES, DEFAULT_JPEG_QUALITY, JPEG_QUALITY_RANGE
 
 from .errors import WireError
 
@@ -88,6 +100,7 @@ class Codec:
     scaled: bool  # carries float32 scales in front of the payload
     encode: Callable[[np.ndarray, int], bytes]  # (C-contiguous array, block) -> payload
     decode: Callable[[Any, tuple[int, ...], int, str], np.ndarray]  # (payload, shape, block, dtype)
+    variable: bool = False  # payload length depends on the content (jpeg): the decoder checks it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +202,61 @@ def _int8_decode(buf: Any, shape: tuple[int, ...], block: int, dtype: str) -> np
     return _ops["dequantize"](q, scales, block).reshape(shape)
 
 
+_JPEG_MODES = {1: "L", 3: "RGB"}
+
+
+def check_jpeg_quality(quality: object) -> int:
+    lo, hi = JPEG_QUALITY_RANGE
+    if type(quality) is not int or not lo <= quality <= hi:
+        raise WireError("quality", f"JPEG quality must be an int in [{lo}, {hi}], got {quality!r:.40}")
+    return quality
+
+
+def _jpeg_encode(x: np.ndarray, quality: int) -> bytes:
+    from PIL import Image
+
+    if x.ndim != 4 or x.shape[-1] not in _JPEG_MODES:
+        raise WireError("shape", f"jpeg carries [B, H, W, C] images with C = 1 or 3, got {x.shape}")
+    files = []
+    for image in x:
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0] if x.shape[-1] == 1 else image).save(buf, format="JPEG", quality=quality)
+        files.append(buf.getvalue())
+    return np.array([len(f) for f in files], dtype="<u4").tobytes() + b"".join(files)
+
+
+def _jpeg_decode(buf: Any, shape: tuple[int, ...], block: int, dtype: str) -> np.ndarray:
+    from PIL import Image
+
+    if len(shape) != 4 or shape[-1] not in _JPEG_MODES:
+        raise WireError("shape", f"jpeg carries [B, H, W, C] images with C = 1 or 3, got {shape!r:.80}")
+    batch, height, width, channels = shape
+    if len(buf) < 4 * batch:
+        raise WireError("payload", f"{len(buf)} bytes cannot hold the {batch} JPEG lengths")
+    lengths = np.frombuffer(buf, dtype="<u4", count=batch).astype(np.int64)
+    if lengths.min() < 1 or 4 * batch + int(lengths.sum()) != len(buf):
+        raise WireError("payload", f"{len(buf)} bytes, but the JPEG lengths table says {4 * batch + int(lengths.sum())}")
+    out = np.empty(shape, np.uint8)
+    offset = 4 * batch
+    for i, n in enumerate(lengths.tolist()):
+        data = bytes(buf[offset:offset + n])
+        offset += n
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=("JPEG",))  # reads the header only
+                if image.size != (width, height) or image.mode != _JPEG_MODES[channels]:
+                    raise WireError("payload", f"JPEG {i} is {image.size[0]}x{image.size[1]} {image.mode}, the header "
+                                               f"says {width}x{height} {_JPEG_MODES[channels]}")
+                image.load()
+        except WireError:
+            raise
+        except Exception as exc:  # not a JPEG, truncated, a bomb: Pillow's many exception types
+            raise WireError("payload", f"JPEG {i} does not decode: {type(exc).__name__}: {exc}"[:300]) from None
+        out[i] = np.asarray(image).reshape(height, width, channels)
+    return out
+
+
 CODECS: Mapping[str, Codec] = MappingProxyType(
     {
         "raw": Codec("raw", None, 0, False, _exact_encode, _raw_decode),
@@ -197,6 +265,7 @@ CODECS: Mapping[str, Codec] = MappingProxyType(
         "bf16": Codec("bf16", "bfloat16", 2, False, _bf16_encode, _bf16_decode),
         "int8": Codec("int8", "int8", 1, True, _int8_encode, _int8_decode),
         "int8-block": Codec("int8-block", "int8", 1, True, _int8_encode, _int8_decode),
+        "jpeg": Codec("jpeg", "uint8", 1, False, _jpeg_encode, _jpeg_decode, variable=True),
     }
 )
 assert tuple(CODECS) == CODEC_NAMES, "the codec table and devit_mq.protocol.CODEC_NAMES must list the same names"
@@ -236,17 +305,21 @@ def _nbytes(spec: Codec, dtype: str, shape: tuple[int, ...], block: int) -> int:
 
 def payload_nbytes(codec: str, dtype: str, shape: tuple[int, ...], block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Exact payload length of an array of ``shape`` under ``codec`` (``dtype``: the payload element
-    type, which only ``raw`` needs; ``block_size``: only ``int8-block``'s)."""
+    type, which only ``raw`` needs; ``block_size``: only ``int8-block``'s). ``jpeg`` has none."""
     spec = _codec(codec)
+    if spec.variable:
+        raise WireError("codec", f"{codec} payloads depend on the content: encode to know their length")
     shape = check_shape(tuple(shape))
     check_dtype(spec, dtype)
     return _nbytes(spec, dtype, shape, block_size_for(spec, shape[-1], block_size))
 
 
-def encode_array(array: np.ndarray, codec: str = "fp32", *, block_size: int = DEFAULT_BLOCK_SIZE) -> EncodedArray:
+def encode_array(array: np.ndarray, codec: str = "fp32", *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 quality: int = DEFAULT_JPEG_QUALITY) -> EncodedArray:
     """Encode ``array`` with ``codec``. Float codecs accept any real numeric dtype (cast to float32
-    first); ``raw`` accepts the dtypes in :data:`RAW_DTYPES` and keeps them. ``block_size`` is used by
-    ``int8-block`` only. Raises :class:`WireError` for anything it cannot carry."""
+    first); ``raw`` accepts the dtypes in :data:`RAW_DTYPES` and keeps them; ``jpeg`` uint8
+    ``[B, H, W, C]`` images (C = 1 or 3) at ``quality``. ``block_size`` is used by ``int8-block``
+    only. Raises :class:`WireError` for anything it cannot carry."""
     spec = _codec(codec)
     if not isinstance(array, np.ndarray):
         raise WireError("array", f"expected a numpy array, got {type(array).__name__}")
@@ -259,6 +332,11 @@ def encode_array(array: np.ndarray, codec: str = "fp32", *, block_size: int = DE
             raise WireError("dtype", f"raw codec cannot carry {array.dtype}; allowed: {', '.join(RAW_DTYPES)}")
         data = np.ascontiguousarray(array, dtype=RAW_DTYPES[name])
         return EncodedArray("raw", name, shape, 0, data.tobytes())
+    if spec.variable:
+        if array.dtype != np.uint8:
+            raise WireError("dtype", f"jpeg carries uint8 images, got {array.dtype}")
+        payload = _jpeg_encode(np.ascontiguousarray(array), check_jpeg_quality(quality))
+        return EncodedArray(spec.name, "uint8", shape, 0, payload)
     if array.dtype.kind not in "iuf":
         raise WireError("dtype", f"codec {codec!r} encodes real numbers, got {array.dtype}")
     block = block_size_for(spec, shape[-1], block_size)
@@ -322,6 +400,8 @@ def decode_array(encoded: EncodedArray, *, allow_nonfinite: bool = False) -> np.
 def decode_checked(spec: Codec, dtype: str, shape: tuple[int, ...], block: int, payload: Any,
                     allow_nonfinite: bool) -> np.ndarray:
     """Decode once codec, dtype, shape and block are known to be consistent."""
+    if spec.variable:
+        return spec.decode(payload, shape, block, dtype)
     expected = _nbytes(spec, dtype, shape, block)
     if len(payload) != expected:
         raise WireError("payload", f"{len(payload)} bytes, but {spec.name} {dtype} {shape} needs {expected}")

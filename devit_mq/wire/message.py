@@ -48,6 +48,7 @@ import numpy as np
 
 from devit_mq.protocol import (
     ARRAY_NDIM,
+    DEFAULT_JPEG_QUALITY,
     MAX_NAME_LEN,
     META_DECODERS,
     META_DEFAULT,
@@ -130,6 +131,7 @@ class Message:
     timestamps: dict[str, float] = field(default_factory=dict)
     reply_to: str = ""
     block_size: int = DEFAULT_BLOCK_SIZE  # elements per scale for codec "int8-block"
+    quality: int = DEFAULT_JPEG_QUALITY  # the encoder's quality for codec "jpeg" (it does not travel)
 
     def __post_init__(self) -> None:
         if type(self.kind) is not Kind:
@@ -198,7 +200,7 @@ def _header(msg: Message) -> tuple[dict[str, Any], bytes]:
     else:
         if msg.array is None:
             raise WireError("array", f"{kind.name} messages need an array")
-        enc = encode_array(msg.array, msg.codec, block_size=msg.block_size)
+        enc = encode_array(msg.array, msg.codec, block_size=msg.block_size, quality=msg.quality)
         if len(enc.shape) != ndim:
             raise WireError("shape", f"{kind.name} arrays have {ndim} axes, got shape {enc.shape}")
         if enc.shape[0] != len(ids):
