@@ -66,6 +66,11 @@ def add_site_arguments(p: argparse.ArgumentParser) -> None:
     file serves every host of a deployment; a container sets the environment variables)."""
     p.add_argument("--bundle", default=os.environ.get(ENV_BUNDLE) or None,
                    help=f"this host's bundle directory, instead of the topology's 'bundle' (env {ENV_BUNDLE})")
+    add_keys_argument(p)
+
+
+def add_keys_argument(p: argparse.ArgumentParser) -> None:
+    """``--keys-dir`` alone, for commands that need no bundle (``status``, ``dashboard``)."""
     p.add_argument("--keys-dir", default=os.environ.get(ENV_KEYS_DIR) or None,
                    help=f"this host's CURVE keys, instead of 'security.keys_dir' (env {ENV_KEYS_DIR})")
 

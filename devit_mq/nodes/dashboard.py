@@ -32,11 +32,11 @@ from typing import Any
 from devit_mq.logs import add_log_arguments, setup_logging
 from devit_mq.topology import Topology
 
+from .cli import add_keys_argument
 from .status import (
     COMMON_COUNTERS,
     StatusProbe,
     StatusReport,
-    add_keys_argument,
     build_report,
     load,
     query_status,

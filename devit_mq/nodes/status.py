@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -289,14 +288,6 @@ def render_json(report: StatusReport) -> str:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def add_keys_argument(p: argparse.ArgumentParser) -> None:
-    """``--keys-dir`` (env ``DEVIT_MQ_KEYS_DIR``): this host's CURVE keys, as ``node`` takes them."""
-    from .cli import ENV_KEYS_DIR
-
-    p.add_argument("--keys-dir", default=os.environ.get(ENV_KEYS_DIR) or None,
-                   help=f"this host's CURVE keys, instead of 'security.keys_dir' (env {ENV_KEYS_DIR})")
-
-
 def load(path: str | Path, keys_dir: str | Path | None = None) -> Topology:
     """A ZeroMQ topology for a status query; the bundle need not be on this host (a probe in its
     own container); ``keys_dir`` replaces the file's ``security.keys_dir`` (this host's keys):
@@ -311,6 +302,8 @@ def load(path: str | Path, keys_dir: str | Path | None = None) -> Topology:
 
 
 def main(argv: list[str]) -> int:
+    from .cli import add_keys_argument
+
     p = argparse.ArgumentParser(prog="devit-mq status", description=(
         "Ask a running ZeroMQ topology's aggregator for every node's state (one status query: no hello, "
         "no side effect). Exit 0: every part ready; 1: the aggregator answers but an edge is missing or "
