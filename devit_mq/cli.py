@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("devit_mq.dekd.cli:main", "run the DEKD pipeline from a YAML config and write a bundle"),
+    "profile": ("devit_mq.profile.cli:main", "measure this device's sub-model latency grid and write a device profile"),
     "prune": ("devit_mq.prune.cli:main", "prune sub-models of a bundle (heads, MLP neurons) to a MACs budget; writes a new bundle"),
     "check": ("devit_mq.topology.cli:main", "validate a topology YAML (and its bundle) without starting anything"),
     "node": ("devit_mq.nodes.cli:main_node", "start one node of a topology (how multi-host deployments run)"),

@@ -17,7 +17,7 @@ import yaml
 
 from devit_mq.testbed.net import leftovers, unavailable_reason
 from devit_mq.testbed.pipeline import split_blocks
-from devit_mq.testbed.profiles import LinkProfile, load_links
+from devit_mq.testbed.profiles import LinkProfile, ProfileError, load_links
 
 from .runtime_helpers import free_ports
 
@@ -56,6 +56,18 @@ def test_hosts_can_be_made_unequal(tmp_path):
     links = load_links(path)
     assert links.device_of("edge0").cpu == 0.9
     assert (links.device_of("edge1").cpu, links.device_of("edge1").cpus) == (0.4, (1,))
+    assert links.device_of("edge1").cpu_period_ms is None
+
+
+def test_a_device_can_spread_its_quota_over_short_periods(tmp_path):
+    path = tmp_path / "links.yaml"
+    path.write_text("profiles: {lan: {rate_mbit: 100}}\ndevices: {cpu: 0.9, cpu_period_ms: 10}\n"
+                    "hosts: {edge1: {cpu: 0.25}}\n")
+    links = load_links(path)
+    assert (links.device_of("edge1").cpu, links.device_of("edge1").cpu_period_ms) == (0.25, 10.0)
+    path.write_text("profiles: {lan: {rate_mbit: 100}}\ndevices: {cpu: 0.5, cpu_period_ms: 0.5}\n")
+    with pytest.raises(ProfileError, match="cpu_period_ms: expected a number >= 1"):
+        load_links(path)
 
 
 @needs_testbed

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ..data import DataError
     from ..model import BundleError, ConfigError
+    from ..profile import ProfileError
     from .config import load_config
     from .pipeline import quick_config, run
 
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = cfg.replace(amp=False)
         run(cfg, out=args.out, work_dir=args.work_dir, resume=args.resume, stop_after=args.stop_after,
             ablation=False if args.no_ablation else None)
-    except (ConfigError, DataError, BundleError) as exc:
+    except (ConfigError, DataError, BundleError, ProfileError) as exc:
         print(f"devit-mq train: error: {exc}", file=sys.stderr)
         return 2
     return 0

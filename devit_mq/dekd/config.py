@@ -92,6 +92,23 @@ class TeacherSection:
 
 
 @dataclass(frozen=True)
+class BalanceSection:
+    """Size each sub-model for its edge's device (:mod:`devit_mq.profile.balance`): one profile per
+    group (part ``i`` runs on the device of ``profiles[i]``); each part's width and depth are chosen
+    from ``widths`` x ``depths`` so that the largest predicted edge latency is smallest while the
+    parts keep ``budget_macs`` in total (0: what ``models`` computes together, the equal split's)."""
+
+    profiles: list[str] = field(default_factory=list)  # empty: off
+    widths: list[int] = field(default_factory=lambda: [16, 24, 32, 48, 64, 80, 96, 112, 128])
+    depths: list[int] = field(default_factory=list)    # empty: each model's own depth
+    budget_macs: int = 0
+
+    def __post_init__(self) -> None:
+        if any(w <= 0 for w in self.widths) or any(d <= 0 for d in self.depths) or self.budget_macs < 0:
+            raise ConfigError("students.balance: widths and depths must be positive, budget_macs >= 0")
+
+
+@dataclass(frozen=True)
 class StudentsSection:
     models: list[dict[str, Any]] = field(default_factory=list)  # one per group, or one for all
     relation_weight: float = 1.0               # 1.0 = the paper's objective; 0 = no feature matching
@@ -104,6 +121,7 @@ class StudentsSection:
     # epochs chosen on validation with train.val_every) teaches that group's sub-model
     group_teacher_epochs: int = 0
     group_teacher_lr: float = 1.0e-4
+    balance: BalanceSection = field(default_factory=BalanceSection)
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:

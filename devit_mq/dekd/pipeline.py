@@ -18,6 +18,7 @@ import torch
 from ..data import load_dataset
 from ..model import ConfigError, DeViTEnsemble, Manifest, VisionTransformer, count_parameters, save_bundle
 from ..model.bundle import STORAGE_DTYPES
+from ..profile.balance import balance_students
 from .batches import Batches, input_spec
 from .checkpoint import StageStore, stage_key
 from .config import DEKDConfig, FusionSection
@@ -97,7 +98,7 @@ class Pipeline:
         _check_validation(cfg, len(self.val))
         self.groups = split_classes(d.num_classes, cfg.groups.num_groups, cfg.groups.seed)
         self.t_cfg = cfg.teacher_config(d.image_shape, d.num_classes)
-        self.s_cfgs = cfg.student_configs(d.image_shape, self.groups)
+        self.s_cfgs, self.balance = balance_students(cfg.students.balance, cfg.student_configs(d.image_shape, self.groups))
         self.say(f"data {d.spec['source']}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
                  f"{d.num_classes} classes; groups {self.groups}; work dir {work}; device {ctx.device}"
                  + (f", {ctx.world} ranks" if ctx.world > 1 else "") + (", mixed precision" if ctx.amp else ""))
@@ -352,6 +353,8 @@ def _report(p: Pipeline, teacher_acc: float, teacher_val: float | None, ensemble
         "relation_ablation": None,
         "stage_seconds": p.seconds,
     }
+    if p.balance:
+        report["balance"] = p.balance
     report["targets"] = check_targets(report)
     return report
 
@@ -368,6 +371,7 @@ def _write(out: Path, p: Pipeline, ensemble: DeViTEnsemble, report: dict[str, An
         input=p.spec, storage_dtype=cfg.output.storage_dtype,
         metadata={"dataset": d.spec, "splits": splits, "report": "report.json", "config": cfg.to_dict(),
                   "stage_seconds": report["stage_seconds"], "torch": torch.__version__,
+                  **({"balance": p.balance} if p.balance else {}),
                   "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
     save_bundle(out, manifest, ensemble, p.teacher if cfg.output.ship_teacher else None)

@@ -65,7 +65,23 @@ def _edge_executor(topology: Topology, spec, manifest):
     executor = build_edge_executor(spec.executor, topology.bundle, spec.submodel, manifest, threads=spec.threads,
                                    attention=spec.attention, max_batch=spec.max_batch)
     log.info("%s: executor %s (%s)", spec.name, executor.backend, executor.describe())
+    if spec.profile is not None:
+        _log_prediction(spec, manifest, executor)
     return executor
+
+
+def _log_prediction(spec, manifest, executor) -> None:
+    """What the edge's device profile predicts for its sub-model beside a few measured forwards, so a
+    profile that no longer describes the host shows in the log at start."""
+    from devit_mq.profile.device import load_profile
+
+    from .executor import time_executors
+
+    profile = load_profile(spec.profile)
+    predicted = profile.predict_ms(manifest.submodels[spec.submodel])
+    measured = time_executors({"edge": executor}, manifest.input.image_shape, rounds=15)["edge"] * 1e3
+    log.info("%s: profile %r predicts %.3f ms per batch-1 forward; measured %.3f ms (%+.0f%%)", spec.name,
+             profile.device, predicted, measured, (predicted - measured) / measured * 100)
 
 
 def build_node(topology: Topology, name: str, transport: Transport) -> NodeBase:

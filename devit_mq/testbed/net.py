@@ -24,6 +24,7 @@ owner pid so that a live parallel run is never touched.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ class HostSpec:
     rate_mbit: float
     cpu: float | None = None  # CPUs of CFS quota (None: uncapped)
     cpus: tuple[int, ...] | None = None  # a cpuset (None: any CPU)
+    cpu_period_ms: float | None = None  # the CFS period of the quota (None: 100 ms)
 
 
 @dataclass
@@ -122,6 +124,30 @@ def tbf_args(rate_mbit: float) -> list[str]:
     rate_bps = rate_mbit * 1e6
     burst = max(int(rate_bps / 8 / 1000), 3200)
     return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", "200ms"]
+
+
+def set_cpu_quota(group: Path, cpu: float, period_ms: float | None = None) -> None:
+    """Cap cgroup ``group`` at ``cpu`` CPUs over CFS periods of ``period_ms`` (default 100 ms)."""
+    period_us = CFS_PERIOD_US if period_ms is None else int(period_ms * 1000)
+    (group / "cpu.cfs_period_us").write_text(str(period_us))
+    (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(cpu * period_us))))  # kernel minimum: 1 ms
+
+
+@contextlib.contextmanager
+def cpu_cap(cpu: float, period_ms: float | None = None) -> Iterator[Path]:
+    """Run the calling process (all its threads) under a CFS quota of ``cpu`` CPUs until the block
+    ends, in a cgroup of its own that is removed afterwards. TestbedError without root or cgroup v1."""
+    if os.geteuid() != 0 or not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
+        raise TestbedError(f"a CPU cap needs root and the cgroup v1 cpu controller at {CGROUP_CPU}")
+    group = CGROUP_CPU / f"devit-mq-cap-{os.getpid()}"  # not NAME_PREFIX: testbed cleanup must not reap it
+    group.mkdir(exist_ok=True)
+    try:
+        set_cpu_quota(group, cpu, period_ms)
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        yield group
+    finally:
+        (CGROUP_CPU / "cgroup.procs").write_text(str(os.getpid()))  # back to the root group, then remove
+        group.rmdir()
 
 
 class Testbed:
@@ -198,8 +224,7 @@ class Testbed:
             group = CGROUP_CPU / host.netns
             group.mkdir(exist_ok=True)
             host.cgroups.append(group)
-            (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-            (group / "cpu.cfs_quota_us").write_text(str(int(host.spec.cpu * CFS_PERIOD_US)))
+            set_cpu_quota(group, host.spec.cpu, host.spec.cpu_period_ms)
         if host.spec.cpus is not None:
             group = CGROUP_CPUSET / host.netns
             group.mkdir(exist_ok=True)

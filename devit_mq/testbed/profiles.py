@@ -10,7 +10,7 @@ import yaml
 
 DEFAULT_PROFILES = Path(__file__).resolve().parents[2] / "topologies" / "testbed" / "links.yaml"
 PROFILE_KEYS = ("rate_mbit", "delay_ms", "jitter_ms", "note")
-DEVICE_KEYS = ("cpu", "cpus")
+DEVICE_KEYS = ("cpu", "cpus", "cpu_period_ms")
 
 
 class ProfileError(ValueError):
@@ -30,6 +30,9 @@ class LinkProfile:
 class Device:
     cpu: float | None = None
     cpus: tuple[int, ...] | None = None
+    # the CFS period the quota is spread over: 100 ms lets a 1 ms forward run at full speed and the
+    # device stall later; a period of a few ms slows every forward evenly, like a slower CPU
+    cpu_period_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,10 @@ def _device(where: str, raw: Any, base: Device | None = None) -> Device:
         if not isinstance(cpus, (list, tuple)) or not cpus or not all(isinstance(c, int) and c >= 0 for c in cpus):
             raise ProfileError(f"{where}.cpus: expected a non-empty list of CPU numbers, got {cpus!r}")
         cpus = tuple(cpus)
-    return Device(cpu, cpus)
+    period = raw.get("cpu_period_ms", base.cpu_period_ms if base else None)
+    if period is not None:
+        period = _number(f"{where}.cpu_period_ms", period, 1.0)  # the kernel's minimum CFS period is 1 ms
+    return Device(cpu, cpus, period)
 
 
 def load_links(path: str | Path = DEFAULT_PROFILES) -> LinksFile:

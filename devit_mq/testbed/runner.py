@@ -279,7 +279,8 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
     manifest = load_manifest(bundle)
     n = len(manifest.submodels)
     names = ["client", "aggregator", *(f"edge{i}" for i in range(n))]
-    hosts = [HostSpec(name, profile.rate_mbit, links.device_of(name).cpu, links.device_of(name).cpus)
+    hosts = [HostSpec(name, profile.rate_mbit, links.device_of(name).cpu, links.device_of(name).cpus,
+                      links.device_of(name).cpu_period_ms)
              for name in names]
     out: dict[str, Any] = {}
     with Testbed(hosts) as tb:

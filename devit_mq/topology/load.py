@@ -121,6 +121,23 @@ def bundle_manifest(topology: Topology, value: str | None = None) -> Manifest:
         raise TopologyError([("bundle", f"bundle at {directory} is unusable: {exc}")], topology.source) from exc
 
 
+def _profile_problem(path: str, part: int, manifest: Manifest) -> str | None:
+    """Why an edge's device profile does not fit the sub-model it runs (None: it fits): measured for
+    other inputs, or another device than the one a balanced bundle sized this sub-model for."""
+    from devit_mq.profile.device import ProfileError, load_profile
+
+    profile = load_profile(path)  # readable: the schema checked it
+    try:
+        profile.predict_ms(manifest.submodels[part])
+    except ProfileError as exc:
+        return str(exc)
+    sized = manifest.metadata.get("balance", {}).get("parts", [])
+    if part < len(sized) and sized[part].get("device") != profile.device:
+        return (f"device {profile.device!r}, but the bundle sized sub-model {part} for device "
+                f"{sized[part].get('device')!r} (run it on that device, or retrain with this profile)")
+    return None
+
+
 def check_against_bundle(topology: Topology, manifest: Manifest) -> None:
     """The topology must run every sub-model of the bundle exactly once (N edges for sub-models
     0..N-1), and an edge's declared ``embed_dim`` must be its sub-model's width."""
@@ -137,6 +154,10 @@ def check_against_bundle(topology: Topology, manifest: Manifest) -> None:
         elif edge.embed_dim is not None and edge.embed_dim != widths[edge.submodel]:
             problems.append((f"{edge.key_path}.embed_dim", f"{edge.embed_dim} does not match the bundle: sub-model "
                              f"{edge.submodel} is {widths[edge.submodel]} wide"))
+        elif edge.profile is not None:
+            problem = _profile_problem(edge.profile, edge.submodel, manifest)
+            if problem:
+                problems.append((f"{edge.key_path}.profile", problem))
     long_names = [c for c in manifest.classes if len(c) > MAX_CLASS_NAME]
     if len(manifest.classes) > MAX_CLASSES or long_names:
         problems.append(("bundle", f"the bundle's classes do not fit a status reply: {len(manifest.classes)} "

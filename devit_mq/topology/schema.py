@@ -53,7 +53,10 @@ Keys, by section (everything not marked *required* has the default shown):
   sub-model; ``torch``, ``numba`` (NumPy + our Numba kernels), ``numpy`` (NumPy only); ``auto`` times
   ``numba`` and ``numpy`` at start-up and keeps the faster, or takes ``torch`` when ``attention``
   names a backend only torch runs: ``torch``, ``naive``, ``cuda``). ``attention`` applies to the torch
-  executor; ``numba`` takes ``auto``/``numba`` there, ``numpy`` only ``auto``.
+  executor; ``numba`` takes ``auto``/``numba`` there, ``numpy`` only ``auto``. ``profile`` (optional:
+  the device profile of the edge's host, from ``devit-mq profile``, relative to the YAML file's
+  folder); a bundle sized for unequal devices (``students.balance``) must run each sub-model on the
+  device it was sized for, and the edge logs the profile's predicted latency beside its measured one.
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
 - aggregator and edges: ``cpus`` (optional, per node: a list of CPU numbers of its host to pin the
   process to, e.g. ``[1]``; checked against the host when the node starts).
@@ -108,7 +111,7 @@ COMPUTE_KEYS = ("threads", "attention", "max_batch", "max_wait_ms")
 PLACEMENT_KEYS = ("cpus",)  # per node only: which CPUs of its host the process may run on
 OPS_KEYS = ("metrics_port",)  # Prometheus /metrics on this TCP port of the node's host (off when absent)
 AGGREGATOR_KEYS = ("deadline_ms", "missing_policy", "max_pending")
-EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms", "executor")
+EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms", "executor", "profile")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
     "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *OPS_KEYS, *EDGE_KEYS),
     "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *OPS_KEYS,
@@ -204,6 +207,7 @@ class NodeSpec:
     embed_dim: int | None = None
     max_queue_ms: float | None = None  # edges: admission control (0: off)
     executor: str | None = None  # edges: what runs the sub-model (auto | torch | numba | numpy)
+    profile: str | None = None  # edges: the device profile file of the edge's host (devit-mq profile)
     cpus: tuple[int, ...] | None = None  # CPU affinity on its host (None: the scheduler decides)
     metrics_port: int | None = None  # Prometheus /metrics (None: not served)
     key_path: str = field(default="", compare=False)  # where it was declared, e.g. "edges[1]"
@@ -529,6 +533,7 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
     if role == "edge":
         out["submodel"] = ck.value(data, "submodel", path, int, minimum=0)
         out["embed_dim"] = ck.value(data, "embed_dim", path, int, minimum=1)
+        out["profile"] = _parse_profile(ck, data, path, base_dir)
         _check_executor_attention(ck, out, path)
     if role == "client":
         return out
@@ -551,6 +556,22 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
     elif transport == "zmq" and "port" not in data and "ipc" not in data:
         ck.error(path, "needs an address for ZeroMQ: 'port' (with 'host') or 'ipc'")
     return out
+
+
+def _parse_profile(ck: _Checker, data: dict[str, Any], path: str, base_dir: Path) -> str | None:
+    """An edge's device profile: a readable profile file (relative to the YAML file's folder)."""
+    value = ck.value(data, "profile", path, str)
+    if value is None:
+        return None
+    from devit_mq.profile.device import ProfileError, load_profile
+
+    resolved = str(_resolve_relative(value, base_dir))
+    try:
+        load_profile(resolved)
+    except ProfileError as exc:
+        ck.error(_join(path, "profile"), str(exc))
+        return None
+    return resolved
 
 
 def _check_executor_attention(ck: _Checker, edge: dict[str, Any], path: str) -> None:
