@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install test test-slow demo demo-mpi bench bench-kernels bench-wire bench-hostile testbed testbed-cleanup stress stress-faults capacity \
-        train-default bundles lint clean
+        train-default train-balanced bundles lint clean
 
 install: $(STAMP)
 
@@ -96,6 +96,15 @@ bundles: train-default
 	cp runs/default-work/teacher.* runs/hetero-work/
 	$(DEVIT) train configs/n4.yaml --resume
 	$(DEVIT) train configs/hetero.yaml --resume
+	$(MAKE) train-balanced
+
+# The bundle sized for the two unequal devices of topologies/unequal-*.yaml (their profiles in
+# topologies/profiles/, measured with `devit-mq profile`); the default run's teacher and per-group
+# teachers are reused.
+train-balanced: install
+	mkdir -p runs/balanced-work
+	cp runs/default-work/teacher.* runs/default-work/group_teacher_* runs/balanced-work/
+	$(DEVIT) train configs/balanced.yaml --resume
 
 lint: install
 	$(VENV)/bin/ruff check devit_mq kernels tests

@@ -232,3 +232,30 @@ def test_shipped_topologies_have_no_stale_profiles():
         for edge in data.get("edges", []) if isinstance(data, dict) else []:
             if isinstance(edge, dict) and "profile" in edge:
                 assert (path.parent / edge["profile"]).is_file(), f"{path}: {edge['profile']}"
+
+
+def _round(p50: float, edges: dict) -> dict:
+    return {"latency_p50_ms": p50, "latency_p99_ms": 2 * p50, "accuracy": 0.97, "requests": 10,
+            "edges": {e: {"embed_dim": d, "depth": 6, "executor": x, "measured_compute_p50_ms": m, "predicted_ms": p}
+                      for e, (d, x, m, p) in edges.items()}}
+
+
+def test_bench_balance_summary_takes_medians_and_the_prediction_error():
+    from devit_mq.bench.balance import format_summary, summarize
+
+    runs = {"equal": [_round(4.0, {"edge1": (64, "numpy", 3.0, 2.7)}), _round(5.0, {"edge1": (64, "numpy", 3.2, 2.7)})],
+            "balanced": [_round(2.0, {"edge1": (32, "numpy", 1.0, 1.1)}), _round(3.0, {"edge1": (32, "numpy", 1.2, 1.1)})]}
+    summary = summarize(runs)
+    assert summary["equal"]["latency_p50_ms"] == 4.5 and summary["balanced"]["latency_p50_ms"] == 2.5
+    assert summary["speedup_p50"] == pytest.approx(1.8)
+    assert summary["balanced"]["edges"]["edge1"]["rel_error"] == pytest.approx(1.1 / 1.1 - 1)
+    assert summary["equal"]["edges"]["edge1"]["rel_error"] == pytest.approx((2.7 - 3.1) / 3.1)
+    assert "1.80x" in format_summary(summary)
+
+
+def test_bench_balance_names_a_bad_topology(tmp_path, capsys):
+    from devit_mq.bench.balance import main
+
+    (tmp_path / "bad.yaml").write_text("name: x\n")
+    assert main([str(tmp_path / "bad.yaml"), str(tmp_path / "bad.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("devit-mq bench balance: error:")

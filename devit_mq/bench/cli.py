@@ -18,16 +18,18 @@ TARGETS: dict[str, str] = {
     "hostile": "devit_mq.bench.hostile:main",
     "floor": "devit_mq.bench.floor:main",
     "executors": "devit_mq.bench.executors:main",
+    "balance": "devit_mq.bench.balance:main",
 }
 RUNTIME = "devit_mq.bench.runtime:main"
 
-USAGE = """usage: devit-mq bench {wire | kernels | executors | hostile | floor | TOPOLOGY.yaml} [ARGS...]
+USAGE = """usage: devit-mq bench {wire | kernels | executors | hostile | floor | balance | TOPOLOGY.yaml} [ARGS...]
 
   wire           bytes and encode/decode time of each wire codec
   kernels        attention backends side by side
   executors      edge executors (torch, numba, numpy) side by side: latency, RSS, import, ready time
   hostile        hostile-peer attacks against a launched topology: alive, correct, RSS, recovery
   floor          the floor of one request: bare fan-out/fan-in over raw pyzmq and raw mpi4py
+  balance        equal vs balanced decomposition on unequal devices: latency, measured vs predicted edges
   TOPOLOGY.yaml  end-to-end latency and throughput of a running topology
 
 Run 'devit-mq bench TARGET --help' for a target's options."""

@@ -1,0 +1,135 @@
+"""Equal vs balanced decomposition on unequal devices: ``devit-mq bench balance EQUAL.yaml BALANCED.yaml``.
+
+Both topologies run the same devices (each edge's ``profile:`` names its device, and its
+``executor``/``cpus`` make it that device here); they differ in the bundle: an equal split, or one
+trained with ``students.balance`` for those devices. The topologies are launched in turn, in
+interleaved rounds (a busy machine slows both alike), and each round sends the same sequential
+batch-1 requests. Reported per topology: end-to-end latency p50/p99 (client send to answer), each
+edge's measured compute p50 (its own telemetry: only batch-1 requests are sent, so that is the
+batch-1 forward) next to what its profile predicts, and fused accuracy on the bundle's test split
+through the running topology; then the balanced/equal latency ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from devit_mq.metrics import percentiles
+
+
+def measure_once(path: str | Path, requests: int, warmup: int, log_dir: Path) -> dict[str, Any]:
+    """Launch ``path``, send ``warmup`` + ``requests`` sequential batch-1 requests, read each edge's
+    compute p50 from its telemetry, classify the test split (accuracy), stop."""
+    from devit_mq.model import load_manifest
+    from devit_mq.nodes.demo import load_test_split
+    from devit_mq.nodes.launcher import Launcher
+    from devit_mq.nodes.runtime import Client
+    from devit_mq.profile import load_profile
+
+    with Launcher(path, log_dir=log_dir) as launcher, Client(launcher.topology, timeout_s=30) as client:
+        topology = launcher.topology
+        manifest = load_manifest(topology.bundle)
+        split = load_test_split(manifest)
+        images = split.images[: warmup + requests]
+        client.predict(images[:warmup], batch_size=1, window=1)
+        latencies = []
+        for image in images[warmup:]:
+            start = time.perf_counter()
+            pred = client.predict(image[None], batch_size=1, window=1)
+            latencies.append(time.perf_counter() - start)
+            if pred.errors:
+                raise RuntimeError(f"{topology.name}: request failed: {pred.errors[0].error}")
+        nodes = client.query_status(10.0).get("nodes", {})
+        edges = {}
+        for edge in topology.edges:
+            stages = nodes.get(edge.name, {}).get("stages_ms", {})
+            cfg = manifest.submodels[edge.submodel]
+            predicted = load_profile(edge.profile).predict_ms(cfg) if edge.profile else None
+            edges[edge.name] = {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "executor": edge.executor,
+                                "measured_compute_p50_ms": stages.get("compute", {}).get("p50"),
+                                "predicted_ms": predicted}
+        bulk = client.predict(split.images, batch_size=8, window=4)
+        accuracy = float((bulk.labels == split.labels).mean())
+    lat = percentiles(latencies)
+    return {"latency_p50_ms": lat["p50"] * 1e3, "latency_p99_ms": lat["p99"] * 1e3, "edges": edges,
+            "accuracy": accuracy, "requests": len(latencies)}
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over rounds; per edge the prediction's relative error."""
+    out: dict[str, Any] = {}
+    for name, rounds in runs.items():
+        edges = {}
+        for edge in rounds[0]["edges"]:
+            measured = statistics.median(r["edges"][edge]["measured_compute_p50_ms"] for r in rounds)
+            predicted = rounds[0]["edges"][edge]["predicted_ms"]
+            edges[edge] = {**{k: rounds[0]["edges"][edge][k] for k in ("embed_dim", "depth", "executor")},
+                           "measured_ms": measured, "predicted_ms": predicted,
+                           "rel_error": None if predicted is None else (predicted - measured) / measured}
+        out[name] = {"latency_p50_ms": statistics.median(r["latency_p50_ms"] for r in rounds),
+                     "latency_p99_ms": statistics.median(r["latency_p99_ms"] for r in rounds),
+                     "round_p50s_ms": [round(r["latency_p50_ms"], 3) for r in rounds],
+                     "accuracy": rounds[0]["accuracy"], "edges": edges}
+    if {"equal", "balanced"} <= set(out):
+        out["speedup_p50"] = out["equal"]["latency_p50_ms"] / out["balanced"]["latency_p50_ms"]
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = ["| split | latency p50 ms | p99 ms | fused accuracy % | edges: shape, executor, measured / predicted ms |",
+             "|---|---:|---:|---:|---|"]
+    for name in ("equal", "balanced"):
+        s = summary[name]
+        edges = "; ".join(f"{e} {v['embed_dim']}-d x{v['depth']} {v['executor']} {v['measured_ms']:.3f} / "
+                          f"{v['predicted_ms']:.3f} ({v['rel_error']:+.0%})" if v["predicted_ms"] is not None else
+                          f"{e} {v['embed_dim']}-d x{v['depth']} {v['measured_ms']:.3f}"
+                          for e, v in s["edges"].items())
+        lines.append(f"| {name} | {s['latency_p50_ms']:.3f} | {s['latency_p99_ms']:.3f} | {100 * s['accuracy']:.2f} | "
+                     f"{edges} |")
+    if "speedup_p50" in summary:
+        lines.append(f"\nbalanced vs equal, batch-1 p50: {summary['speedup_p50']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devit-mq bench balance", description=__doc__.split("\n\n")[0])
+    parser.add_argument("equal", help="topology of the equal split on the unequal devices")
+    parser.add_argument("balanced", help="the same devices running the balanced bundle")
+    parser.add_argument("--requests", type=int, default=300, help="sequential batch-1 requests per round (300)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per topology (2)")
+    parser.add_argument("--json", help="write the summary and every round here")
+    parser.add_argument("--log-dir", default="runs/bench-balance-logs")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+    from devit_mq.topology import TopologyError, load_topology
+
+    try:
+        for path in (args.equal, args.balanced):
+            load_topology(path)
+    except TopologyError as exc:
+        print(f"devit-mq bench balance: error: {exc}", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict[str, Any]]] = {"equal": [], "balanced": []}
+    for r in range(args.rounds):
+        order = ("equal", "balanced") if r % 2 == 0 else ("balanced", "equal")
+        for name in order:
+            path = args.equal if name == "equal" else args.balanced
+            runs[name].append(measure_once(path, args.requests, args.warmup, Path(args.log_dir) / f"{name}-{r}"))
+            print(f"round {r} {name}: p50 {runs[name][-1]['latency_p50_ms']:.3f} ms", flush=True)
+    summary = summarize(runs)
+    print(format_summary(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
