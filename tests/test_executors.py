@@ -25,7 +25,7 @@ from .runtime_helpers import images, make_bundle
 from .timm_reference import import_timm
 
 TOLERANCE = 1e-4  # max |difference| of the prefix tokens, the bound
-SHIPPED = ["default", "hetero", "n4", "balanced"]
+SHIPPED = ["default", "hetero", "n4", "balanced", "default-pruned"]
 TORCH_FREE = ["numba", "numpy"]
 
 

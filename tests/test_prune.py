@@ -272,6 +272,11 @@ def test_prune_command_writes_a_smaller_bundle_every_executor_runs(tmp_path, cap
     assert len(record["val_score_of_choice"]) == 2
     report = json.loads((out / "report.json").read_text())["pruning"][0]
     assert set(report["fused"]) == {"unpruned", "pruned", "recovered"} and report["recovery"]["epochs"] == 1
+    for executor in ("numba", "numpy"):  # both shapes timed in each torch-free executor
+        lat = report["latency_ms"][executor]
+        assert lat["unpruned"] > 0 and lat["pruned"] > 0
+        assert lat["speedup"] == pytest.approx(lat["unpruned"] / lat["pruned"])
+    assert "batch-1 forward, 1 thread: numba" in capsys.readouterr().out
     imgs = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
     with torch.inference_mode():
         reference = dm.load_submodel(out, 1, manifest).forward_prefix(manifest.input.to_tensor(imgs)).numpy()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data import load_dataset
@@ -28,6 +30,7 @@ from ..model import (
     BundleError,
     DeViTEnsemble,
     VisionTransformer,
+    ViTConfig,
     concat_features,
     count_parameters,
     load_ensemble,
@@ -55,12 +58,15 @@ class PruneSettings:
     val_size: int = 500               # only for a bundle without a validation split of its own
     seed: int = 0
     quick: bool = False               # smoke mode: few candidates, batches, images, one epoch
+    latency_rounds: int = 5           # interleaved rounds of the before/after batch-1 timing
+    latency_repeats: int = 20         # forwards per round (median)
 
     def effective(self) -> PruneSettings:
         if not self.quick:
             return self
         return dataclasses.replace(self, candidates=min(self.candidates, 6), importance_batches=2,
-                                   importance_batch_size=32, recover_epochs=min(self.recover_epochs, 1))
+                                   importance_batch_size=32, recover_epochs=min(self.recover_epochs, 1),
+                                   latency_rounds=1, latency_repeats=3)
 
 
 QUICK_IMAGES = 160  # per split in --quick
@@ -178,7 +184,33 @@ def prune_part(ensemble: DeViTEnsemble, manifest, part: int, train: Batches, val
         "fused": {"unpruned": before, "pruned": after_prune, "recovered": after},
         "seconds": time.perf_counter() - start,
     }
+    record["latency_ms"] = forward_latency(cfg, recovered.config, settings.latency_rounds, settings.latency_repeats)
     return recovered, record
+
+
+LATENCY_EXECUTORS = ("numba", "numpy")  # the torch-free edge executors, what an edge device runs
+
+
+def forward_latency(before: ViTConfig, after: ViTConfig, rounds: int, repeats: int) -> dict[str, Any]:
+    """Batch-1 forward ms of the unpruned and the pruned shapes in each torch-free executor (1 thread).
+
+    Shapes alone set the time, so random weights stand in for the trained ones; before and after are
+    timed in interleaved rounds (a busy machine slows both alike) and the median round is kept.
+    """
+    from ..profile.measure import make_forward, time_forward
+
+    image = np.zeros((1, before.img_size, before.img_size, before.in_chans), np.uint8)
+    out: dict[str, Any] = {"threads": 1, "rounds": rounds, "repeats": repeats,
+                           "timing": "median over interleaved rounds of the median of each round's forwards"}
+    for executor in LATENCY_EXECUTORS:
+        forwards = {"unpruned": make_forward(before, executor, 1), "pruned": make_forward(after, executor, 1)}
+        times: dict[str, list[float]] = {k: [] for k in forwards}
+        for _ in range(rounds):
+            for name, forward in forwards.items():
+                times[name].append(time_forward(forward, image, repeats))
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        out[executor] = {**ms, "speedup": ms["unpruned"] / ms["pruned"]}
+    return out
 
 
 def run(bundle: str | Path, out: str | Path, settings: PruneSettings, say=print) -> dict[str, Any]:
@@ -253,6 +285,11 @@ def format_summary(records: list[dict[str, Any]]) -> str:
                         for k in ("unpruned", "pruned", "recovered"))
         lines.append(f"{r['part']:>4}  {r['params_before']:>9} -> {r['params_after']:<9}  {r['macs_before']:>11} -> "
                      f"{r['achieved_macs']:<11} ({r['achieved_macs_fraction']:.3f})   {acc}")
+    for r in records:
+        lat = r["latency_ms"]
+        lines.append(f"part {r['part']} batch-1 forward, 1 thread: " + ", ".join(
+            f"{e} {lat[e]['unpruned']:.3f} -> {lat[e]['pruned']:.3f} ms ({lat[e]['speedup']:.2f}x)"
+            for e in LATENCY_EXECUTORS))
     return "\n".join(lines)
 
 
