@@ -2,6 +2,7 @@
 configurations, timm's own model; executor selection (auto) and its errors; topology validation."""
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from devit_mq.model.numpy_vit import ArrayViT, expected_shapes
 from devit_mq.nodes.demo import load_test_split
 from devit_mq.nodes.executor import (
     ArrayEdgeExecutor,
+    EmulatedSpeed,
     ExecutorError,
     NumpyFusionExecutor,
     auto_candidates,
@@ -163,6 +165,37 @@ def test_unknown_executor_is_refused(tmp_path):
         build_edge_executor("tensorflow", bundle, 0, load_manifest(bundle))
 
 
+class _SleepyExecutor:
+    """A stand-in edge executor whose forward takes 20 ms of wall time."""
+
+    backend = "numpy"
+
+    def forward_prefix(self, images):
+        time.sleep(0.02)
+        return np.zeros((len(images), 1, 4), np.float32)
+
+    def warm_up(self):
+        pass
+
+    def describe(self):
+        return {"executor": "numpy"}
+
+
+def test_an_emulated_slower_device_stretches_every_forward_and_says_so(tmp_path):
+    slow = EmulatedSpeed(_SleepyExecutor(), 0.25)
+    start = time.perf_counter()
+    out = slow.forward_prefix(np.zeros((2, 8, 8, 1), np.uint8))
+    assert time.perf_counter() - start >= 0.08  # 20 ms of forward at a quarter speed: at least 80 ms
+    assert out.shape == (2, 1, 4) and slow.backend == "numpy" and slow.describe()["speed"] == 0.25
+    for bad in (0, 1.5, -1):
+        with pytest.raises(ExecutorError, match="speed must be in"):
+            EmulatedSpeed(_SleepyExecutor(), bad)
+    bundle = make_bundle(tmp_path / "b")
+    built = build_edge_executor("numpy", bundle, 0, load_manifest(bundle), speed=0.5)
+    assert isinstance(built, EmulatedSpeed) and built.describe()["executor"] == "numpy"
+    assert not isinstance(build_edge_executor("numpy", bundle, 0, load_manifest(bundle)), EmulatedSpeed)
+
+
 def test_torch_executor_without_torch_says_what_to_install(tmp_path, monkeypatch):
     bundle = make_bundle(tmp_path / "b")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
@@ -234,3 +267,15 @@ def test_topology_executor_mistakes_are_named():
         in _problems(aggregator={**BASE["aggregator"], "executor": "numba"})
     edges = [{**BASE["edges"][0], "executor": "numba", "attention": "numba"}, BASE["edges"][1]]
     assert load_topology({**BASE, "edges": edges}, check_bundle=False).edges[0].attention == "numba"
+
+
+def test_topology_edge_speed_defaults_to_full_and_bad_values_are_named():
+    assert [e.speed for e in load_topology(BASE, check_bundle=False).edges] == [1.0, 1.0]
+    edges = [{**BASE["edges"][0], "speed": 0.25}, BASE["edges"][1]]
+    topo = load_topology({**BASE, "edges": edges}, check_bundle=False)
+    assert topo.edges[0].speed == 0.25 and load_topology(topo.to_dict(), check_bundle=False).edges == topo.edges
+    for bad, message in ((0, "must be > 0, got 0.0"), (1.5, "must be <= 1, got 1.5"), ("slow", "expected a number")):
+        edges = [{**BASE["edges"][0], "speed": bad}, BASE["edges"][1]]
+        assert "edges[0].speed: " + message in _problems(edges=edges), bad
+    assert "aggregator.speed: 'speed' is not a setting of an aggregator (only of: edge)" \
+        in _problems(aggregator={**BASE["aggregator"], "speed": 0.5})

@@ -73,6 +73,8 @@ def test_a_profile_round_trips_and_refuses_other_inputs(tmp_path):
     assert back.predict_ms(BASE) == pytest.approx(profile.predict_ms(BASE))
     with pytest.raises(ProfileError, match="other inputs.*patch_size"):
         back.predict_ms(BASE.replace(patch_size=4))
+    profile.speed = 0.25  # measured on an emulated slower device
+    assert load_profile(save_profile(profile, tmp_path / "q.json")).speed == 0.25
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -153,6 +155,20 @@ def test_profile_command_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("devit-mq profile: error:") and err.count("\n") == 1
     assert profile_main(["--device", "x", "--out", str(tmp_path / "p.json"), "--widths", "3", "--heads", "2"]) == 2
     assert "grid is empty" in capsys.readouterr().err
+    assert profile_main(["--device", "x", "--out", str(tmp_path / "p.json"), "--speed", "2"]) == 2
+    assert "--speed must be in (0, 1], got 2" in capsys.readouterr().err
+
+
+def test_profile_of_an_emulated_slower_device_is_slower_by_its_speed(tmp_path):
+    times = {}
+    for speed in (1.0, 0.25):
+        out = tmp_path / f"s{speed}.json"
+        assert profile_main(["--device", f"s{speed}", "--out", str(out), "--executor", "numpy", "--quick",
+                             "--widths", "32", "--repeats", "3", "--speed", str(speed)]) == 0
+        profile = load_profile(out)
+        assert profile.speed == speed
+        times[speed] = sum(s["ms"] for s in profile.samples)
+    assert times[0.25] > 2 * times[1.0]  # a stretch is a sleep: never shorter than asked (4x)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not (CGROUP_CPU / "cpu.cfs_quota_us").exists(),
@@ -200,10 +216,10 @@ def test_balanced_training_sizes_parts_for_their_devices(balanced_run):
     assert report["balance"] == record
 
 
-def _topology(tmp: Path, bundle: Path, profiles: list[Path]) -> dict:
+def _topology(tmp: Path, bundle: Path, profiles: list[Path], port: int = 5990) -> dict:
     return {"name": "t", "bundle": str(bundle), "transport": "zmq",
-            "aggregator": {"name": "aggregator", "port": 5990},
-            "edges": [{"name": f"edge{i}", "submodel": i, "port": 5991 + i, "profile": str(p)}
+            "aggregator": {"name": "aggregator", "port": port},
+            "edges": [{"name": f"edge{i}", "submodel": i, "port": port + 1 + i, "profile": str(p)}
                       for i, p in enumerate(profiles)]}
 
 
@@ -216,6 +232,46 @@ def test_a_topology_runs_each_balanced_part_on_its_device(balanced_run):
     with pytest.raises(TopologyError, match=r"edges\[0\].profile: device 'slow', but the bundle sized sub-model 0 "
                                             r"for device 'fast'"):
         load_topology(_topology(tmp, tmp / "bundle", [slow, fast]))
+
+
+@pytest.mark.timeout(180)
+def test_bench_balance_runs_both_topologies_and_reports_measured_and_predicted(balanced_run, tmp_path, capsys):
+    from devit_mq.bench.balance import main
+
+    tmp, _ = balanced_run
+    profiles = [tmp / "fast.json", tmp / "slow.json"]
+    paths = []
+    for name, port in (("equal", 5980), ("balanced", 5985)):  # the same bundle twice: the runs are what is tested
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump({**_topology(tmp, tmp / "bundle", profiles, port), "name": name}))
+    out = tmp_path / "balance.json"
+    assert main([*map(str, paths), "--requests", "6", "--warmup", "2", "--rounds", "2", "--json", str(out),
+                 "--log-dir", str(tmp_path / "logs")]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert [len(result["runs"][k]) for k in ("equal", "balanced")] == [2, 2]
+    manifest = load_manifest(tmp / "bundle")
+    for name in ("equal", "balanced"):
+        summary = result["summary"][name]
+        assert 0 < summary["latency_p50_ms"] <= summary["latency_p99_ms"] and 0 <= summary["accuracy"] <= 1
+        for i, edge in enumerate(("edge0", "edge1")):
+            e = summary["edges"][edge]
+            assert e["measured_ms"] > 0 and e["embed_dim"] == manifest.submodels[i].embed_dim
+            assert e["predicted_ms"] == pytest.approx(load_profile(profiles[i]).predict_ms(manifest.submodels[i]))
+    assert result["summary"]["speedup_p50"] > 0 and "balanced vs equal, batch-1 p50" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(180)
+def test_an_edge_runs_at_the_speed_its_profile_was_measured_at(balanced_run, tmp_path):
+    tmp, _ = balanced_run
+    slow = synthetic("slow", SLOW, load_manifest(tmp / "bundle").submodels[1])
+    slow.speed = 0.25
+    quarter = save_profile(slow, tmp_path / "slow.json")  # same device name, measured at a quarter speed
+    data = _topology(tmp, tmp / "bundle", [tmp / "fast.json", quarter])
+    with pytest.raises(TopologyError, match=r"edges\[1\].profile: profile 'slow' was measured at speed 0.25, but "
+                                            r"the edge runs at speed 1"):
+        load_topology(data)
+    data["edges"][1]["speed"] = 0.25
+    assert load_topology(data).edges[1].speed == 0.25
 
 
 def test_a_topology_names_a_bad_edge_profile(tmp_path):

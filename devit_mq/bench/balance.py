@@ -46,13 +46,14 @@ def measure_once(path: str | Path, requests: int, warmup: int, log_dir: Path) ->
             latencies.append(time.perf_counter() - start)
             if pred.errors:
                 raise RuntimeError(f"{topology.name}: request failed: {pred.errors[0].error}")
-        nodes = client.query_status(10.0).get("nodes", {})
+        nodes = fresh_edge_telemetry(client, topology, min(warmup + requests, 20000))
         edges = {}
         for edge in topology.edges:
-            stages = nodes.get(edge.name, {}).get("stages_ms", {})
+            stages = nodes[edge.name]["stages_ms"]
             cfg = manifest.submodels[edge.submodel]
             predicted = load_profile(edge.profile).predict_ms(cfg) if edge.profile else None
             edges[edge.name] = {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "executor": edge.executor,
+                                "speed": edge.speed,
                                 "measured_compute_p50_ms": stages.get("compute", {}).get("p50"),
                                 "predicted_ms": predicted}
         bulk = client.predict(split.images, batch_size=8, window=4)
@@ -60,6 +61,23 @@ def measure_once(path: str | Path, requests: int, warmup: int, log_dir: Path) ->
     lat = percentiles(latencies)
     return {"latency_p50_ms": lat["p50"] * 1e3, "latency_p99_ms": lat["p99"] * 1e3, "edges": edges,
             "accuracy": accuracy, "requests": len(latencies)}
+
+
+def fresh_edge_telemetry(client, topology, samples: int, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The aggregator's view of every node once each edge's telemetry counts ``samples`` forwards.
+
+    Edges report in heartbeats (every 0.5 s), so a status asked right after the last answer may
+    still hold an older snapshot; waiting for the count keeps the last requests in the p50."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = client.node.query_status(timeout_s).get("nodes", {})
+        counts = {e.name: nodes.get(e.name, {}).get("stages_ms", {}).get("compute", {}).get("n", 0) for e in topology.edges}
+        if min(counts.values()) >= samples:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{topology.name}: edges' telemetry counts {counts} forwards after {timeout_s:g} s, "
+                               f"expected {samples}")
+        time.sleep(0.2)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -70,7 +88,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for edge in rounds[0]["edges"]:
             measured = statistics.median(r["edges"][edge]["measured_compute_p50_ms"] for r in rounds)
             predicted = rounds[0]["edges"][edge]["predicted_ms"]
-            edges[edge] = {**{k: rounds[0]["edges"][edge][k] for k in ("embed_dim", "depth", "executor")},
+            edges[edge] = {**{k: rounds[0]["edges"][edge].get(k) for k in ("embed_dim", "depth", "executor", "speed")},
                            "measured_ms": measured, "predicted_ms": predicted,
                            "rel_error": None if predicted is None else (predicted - measured) / measured}
         out[name] = {"latency_p50_ms": statistics.median(r["latency_p50_ms"] for r in rounds),
@@ -82,14 +100,18 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def _device(edge: dict[str, Any]) -> str:
+    speed = edge.get("speed") or 1
+    return f"{edge['embed_dim']}-d x{edge['depth']} {edge['executor']}" + ("" if speed == 1 else f" at speed {speed:g}")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = ["| split | latency p50 ms | p99 ms | fused accuracy % | edges: shape, executor, measured / predicted ms |",
              "|---|---:|---:|---:|---|"]
     for name in ("equal", "balanced"):
         s = summary[name]
-        edges = "; ".join(f"{e} {v['embed_dim']}-d x{v['depth']} {v['executor']} {v['measured_ms']:.3f} / "
-                          f"{v['predicted_ms']:.3f} ({v['rel_error']:+.0%})" if v["predicted_ms"] is not None else
-                          f"{e} {v['embed_dim']}-d x{v['depth']} {v['measured_ms']:.3f}"
+        edges = "; ".join(f"{e} {_device(v)} {v['measured_ms']:.3f} / {v['predicted_ms']:.3f} ({v['rel_error']:+.0%})"
+                          if v["predicted_ms"] is not None else f"{e} {_device(v)} {v['measured_ms']:.3f}"
                           for e, v in s["edges"].items())
         lines.append(f"| {name} | {s['latency_p50_ms']:.3f} | {s['latency_p99_ms']:.3f} | {100 * s['accuracy']:.2f} | "
                      f"{edges} |")
@@ -118,12 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devit-mq bench balance: error: {exc}", file=sys.stderr)
         return 2
     runs: dict[str, list[dict[str, Any]]] = {"equal": [], "balanced": []}
-    for r in range(args.rounds):
-        order = ("equal", "balanced") if r % 2 == 0 else ("balanced", "equal")
-        for name in order:
-            path = args.equal if name == "equal" else args.balanced
-            runs[name].append(measure_once(path, args.requests, args.warmup, Path(args.log_dir) / f"{name}-{r}"))
-            print(f"round {r} {name}: p50 {runs[name][-1]['latency_p50_ms']:.3f} ms", flush=True)
+    try:
+        for r in range(args.rounds):
+            order = ("equal", "balanced") if r % 2 == 0 else ("balanced", "equal")
+            for name in order:
+                path = args.equal if name == "equal" else args.balanced
+                runs[name].append(measure_once(path, args.requests, args.warmup, Path(args.log_dir) / f"{name}-{r}"))
+                print(f"round {r} {name}: p50 {runs[name][-1]['latency_p50_ms']:.3f} ms", flush=True)
+    except (RuntimeError, ValueError, OSError) as exc:  # launch, client, bundle and data errors name themselves
+        print(f"devit-mq bench balance: error: {exc}", file=sys.stderr)
+        return 1
     summary = summarize(runs)
     print(format_summary(summary))
     if args.json:

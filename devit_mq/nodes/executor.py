@@ -115,6 +115,37 @@ class ArrayEdgeExecutor(_Chunked):
                 **self._started()}
 
 
+class EmulatedSpeed:
+    """An edge executor on an emulated slower device: every forward is stretched to ``1 / speed``
+    of its wall time (``speed`` 0.25: a core a quarter as fast).
+
+    Why not a CPU quota: a CFS quota (or sharing the core with busier processes) caps throughput,
+    but the kernel lets a task that wakes for a 1-3 ms batch-1 forward run at full speed (measured
+    in the README), so it never makes such a forward slower. The stretch sleeps rather than spins,
+    so the CPU stays free for the other nodes that share this machine but would have their own on
+    real hosts."""
+
+    def __init__(self, inner: EdgeExecutor, speed: float) -> None:
+        if not 0 < speed <= 1:
+            raise ExecutorError(f"speed must be in (0, 1], got {speed}")
+        self.inner, self.speed = inner, speed
+        self.backend = inner.backend
+
+    def forward_prefix(self, images: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.inner.forward_prefix(images)
+        remaining_s = (time.perf_counter() - start) * (1 / self.speed - 1)
+        if remaining_s > 0:
+            time.sleep(remaining_s)
+        return out
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "speed": self.speed}
+
+
 def compute_threads(backend: str) -> int:
     """The threads a torch-free executor computes on: Numba's pool for ``numba`` (attention, and
     the row split of its matrix products), the BLAS pool for ``numpy``."""
@@ -138,9 +169,10 @@ def auto_candidates(attention: str) -> tuple[str, ...]:
 
 
 def build_edge_executor(kind: str, bundle: str | Path, index: int, manifest: Any, *, threads: int = 1,
-                        attention: str = "auto", max_batch: int = 8) -> EdgeExecutor:
+                        attention: str = "auto", max_batch: int = 8, speed: float = 1.0) -> EdgeExecutor:
     """The executor ``kind`` (``auto``, ``torch``, ``numba``, ``numpy``) for sub-model ``index``,
-    warmed up. ``auto`` times its candidates on this node at batch 1 and keeps the fastest.
+    warmed up. ``auto`` times its candidates on this node at batch 1 and keeps the fastest; a
+    ``speed`` under 1 emulates a slower device (:class:`EmulatedSpeed`).
     ExecutorError if a requested executor's libraries are missing; BundleError for a bad bundle."""
     if kind == "torch":
         executor = _torch_executor(bundle, index, manifest, threads, attention, max_batch)
@@ -151,7 +183,7 @@ def build_edge_executor(kind: str, bundle: str | Path, index: int, manifest: Any
     else:
         raise ExecutorError(f"unknown executor {kind!r}; choose one of auto, torch, numba, numpy")
     executor.warm_up()
-    return executor
+    return executor if speed == 1 else EmulatedSpeed(executor, speed)
 
 
 def _torch_executor(bundle: str | Path, index: int, manifest: Any, threads: int, attention: str,

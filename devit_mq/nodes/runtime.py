@@ -63,7 +63,7 @@ def _edge_executor(topology: Topology, spec, manifest):
     from .executor import build_edge_executor
 
     executor = build_edge_executor(spec.executor, topology.bundle, spec.submodel, manifest, threads=spec.threads,
-                                   attention=spec.attention, max_batch=spec.max_batch)
+                                   attention=spec.attention, max_batch=spec.max_batch, speed=spec.speed)
     log.info("%s: executor %s (%s)", spec.name, executor.backend, executor.describe())
     if spec.profile is not None:
         _log_prediction(spec, manifest, executor)

@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measure under a CFS quota of this many CPUs (root, cgroup v1), e.g. 0.25")
     parser.add_argument("--cpu-period-ms", type=float, default=None,
                         help="the CFS period of --cpu-quota (default 100 ms; a few ms slows each forward evenly)")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="measure an emulated slower device, as an edge's `speed:` (e.g. 0.25: every "
+                             "forward stretched to 4x its time; default 1)")
     parser.add_argument("--widths", type=_ints, help="embed dims of the grid (default 32,48,64,96,128)")
     parser.add_argument("--heads", type=_ints, help="head counts of the grid (default 1,2,4)")
     parser.add_argument("--mlp-ratios", type=_floats, help="MLP ratios of the grid (default 1,2,4)")
@@ -62,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not grid.shapes():
         print("devit-mq profile: error: the grid is empty (no head count divides any width)", file=sys.stderr)
         return 2
+    if not 0 < args.speed <= 1:
+        print(f"devit-mq profile: error: --speed must be in (0, 1], got {args.speed:g}", file=sys.stderr)
+        return 2
     if args.cpu_quota is not None and args.cpu_quota <= 0:
         print("devit-mq profile: error: --cpu-quota must be > 0", file=sys.stderr)
         return 2
@@ -69,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap = cpu_cap(args.cpu_quota, args.cpu_period_ms) if args.cpu_quota else contextlib.nullcontext()
         with cap:
             profile = measure(manifest.submodels[0], args.device, args.executor, args.threads, grid,
-                              args.cpu_quota, args.cpu_period_ms if args.cpu_quota else None, say=print)
+                              args.cpu_quota, args.cpu_period_ms if args.cpu_quota else None, args.speed,
+                              say=print)
             checks = check_predictions(profile, manifest.submodels) if args.check else []
     except (TestbedError, ProfileError, ImportError) as exc:
         print(f"devit-mq profile: error: {exc}", file=sys.stderr)

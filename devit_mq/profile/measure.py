@@ -62,9 +62,10 @@ def _input_spec(cfg: ViTConfig):
     return InputSpec(cfg.img_size, cfg.in_chans, (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans)
 
 
-def make_forward(cfg: ViTConfig, executor: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The edge executor ``executor`` for a random-weight ``cfg``: uint8 ``[1, H, W, C]`` -> tokens."""
-    from devit_mq.nodes.executor import ArrayEdgeExecutor, TorchEdgeExecutor, _ops
+def make_forward(cfg: ViTConfig, executor: str, threads: int, speed: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+    """The edge executor ``executor`` for a random-weight ``cfg`` (at an emulated ``speed``, as an
+    edge's ``speed:``): uint8 ``[1, H, W, C]`` -> tokens."""
+    from devit_mq.nodes.executor import ArrayEdgeExecutor, EmulatedSpeed, TorchEdgeExecutor, _ops
 
     spec = _input_spec(cfg)
     if executor == "torch":
@@ -73,11 +74,12 @@ def make_forward(cfg: ViTConfig, executor: str, threads: int) -> Callable[[np.nd
         from devit_mq.model import VisionTransformer
 
         torch.set_num_threads(max(1, threads))
-        return TorchEdgeExecutor(VisionTransformer(cfg), spec, max_batch=1).forward_prefix
-    from devit_mq.model.numpy_vit import ArrayViT
+        edge = TorchEdgeExecutor(VisionTransformer(cfg), spec, max_batch=1)
+    else:
+        from devit_mq.model.numpy_vit import ArrayViT
 
-    model = ArrayViT(cfg, random_weights(cfg), _ops(executor, threads))
-    return ArrayEdgeExecutor(model, spec, max_batch=1).forward_prefix
+        edge = ArrayEdgeExecutor(ArrayViT(cfg, random_weights(cfg), _ops(executor, threads)), spec, max_batch=1)
+    return (edge if speed == 1 else EmulatedSpeed(edge, speed)).forward_prefix
 
 
 def time_forward(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, repeats: int) -> float:
@@ -106,7 +108,7 @@ def host_info() -> dict[str, Any]:
 
 
 def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int = 1, grid: Grid | None = None,
-            cpu_quota: float | None = None, cfs_period_ms: float | None = None,
+            cpu_quota: float | None = None, cfs_period_ms: float | None = None, speed: float = 1.0,
             say: Callable[[str], None] | None = None) -> DeviceProfile:
     """Time the grid around ``base`` (its input side: image size, channels, patch, stem) on this
     device, fit the cost model, and return the profile. ``cpu_quota`` / ``cfs_period_ms`` only
@@ -120,7 +122,7 @@ def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int 
         for depth in DEPTHS:
             cfg = base.replace(embed_dim=dim, num_heads=heads, mlp_ratio=hidden / dim, depth=depth,
                                block_heads=None, block_mlp=None)
-            ms[depth] = time_forward(make_forward(cfg, executor, threads), image, grid.repeats)
+            ms[depth] = time_forward(make_forward(cfg, executor, threads, speed), image, grid.repeats)
             samples.append({"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden, "depth": depth,
                             "ms": round(ms[depth], 4)})
         per_block = (ms[DEPTHS[-1]] - ms[DEPTHS[0]]) / (DEPTHS[-1] - DEPTHS[0])
@@ -129,7 +131,7 @@ def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int 
             say(f"[{n}/{len(shapes)}] dim {dim}, {heads} heads, MLP {hidden}: "
                 f"{ms[DEPTHS[0]]:.3f} ms at depth 1, {per_block:.3f} ms per block")
     profile = DeviceProfile(device=device, executor=executor, threads=threads, input=input_of(base),
-                            samples=samples, blocks=blocks, cpu_quota=cpu_quota, cfs_period_ms=cfs_period_ms,
+                            samples=samples, blocks=blocks, cpu_quota=cpu_quota, cfs_period_ms=cfs_period_ms, speed=speed,
                             host=host_info(), measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return profile.fit()
 
@@ -139,7 +141,7 @@ def check_predictions(profile: DeviceProfile, configs: Sequence[ViTConfig], repe
     out = []
     for cfg in configs:
         image = np.zeros((1, cfg.img_size, cfg.img_size, cfg.in_chans), np.uint8)
-        measured = time_forward(make_forward(cfg, profile.executor, profile.threads), image, repeats)
+        measured = time_forward(make_forward(cfg, profile.executor, profile.threads, profile.speed), image, repeats)
         predicted = profile.predict_ms(cfg)
         out.append({"embed_dim": cfg.embed_dim, "depth": cfg.depth, "pruned": cfg.pruned, "predicted_ms": predicted,
                     "measured_ms": measured, "rel_error": (predicted - measured) / measured})

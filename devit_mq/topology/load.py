@@ -121,9 +121,10 @@ def bundle_manifest(topology: Topology, value: str | None = None) -> Manifest:
         raise TopologyError([("bundle", f"bundle at {directory} is unusable: {exc}")], topology.source) from exc
 
 
-def _profile_problem(path: str, part: int, manifest: Manifest) -> str | None:
+def _profile_problem(path: str, part: int, manifest: Manifest, speed: float = 1.0) -> str | None:
     """Why an edge's device profile does not fit the sub-model it runs (None: it fits): measured for
-    other inputs, or another device than the one a balanced bundle sized this sub-model for."""
+    other inputs or at another emulated speed, or another device than the one a balanced bundle
+    sized this sub-model for."""
     from devit_mq.profile.device import ProfileError, load_profile
 
     profile = load_profile(path)  # readable: the schema checked it
@@ -131,6 +132,9 @@ def _profile_problem(path: str, part: int, manifest: Manifest) -> str | None:
         profile.predict_ms(manifest.submodels[part])
     except ProfileError as exc:
         return str(exc)
+    if profile.speed != speed:
+        return (f"profile {profile.device!r} was measured at speed {profile.speed:g}, but the edge runs at "
+                f"speed {speed:g} (set the edge's `speed:` to the profile's, or measure it at this speed)")
     sized = manifest.metadata.get("balance", {}).get("parts", [])
     if part < len(sized) and sized[part].get("device") != profile.device:
         return (f"device {profile.device!r}, but the bundle sized sub-model {part} for device "
@@ -155,7 +159,7 @@ def check_against_bundle(topology: Topology, manifest: Manifest) -> None:
             problems.append((f"{edge.key_path}.embed_dim", f"{edge.embed_dim} does not match the bundle: sub-model "
                              f"{edge.submodel} is {widths[edge.submodel]} wide"))
         elif edge.profile is not None:
-            problem = _profile_problem(edge.profile, edge.submodel, manifest)
+            problem = _profile_problem(edge.profile, edge.submodel, manifest, edge.speed)
             if problem:
                 problems.append((f"{edge.key_path}.profile", problem))
     long_names = [c for c in manifest.classes if len(c) > MAX_CLASS_NAME]

@@ -57,6 +57,9 @@ Keys, by section (everything not marked *required* has the default shown):
   the device profile of the edge's host, from ``devit-mq profile``, relative to the YAML file's
   folder); a bundle sized for unequal devices (``students.balance``) must run each sub-model on the
   device it was sized for, and the edge logs the profile's predicted latency beside its measured one.
+  ``speed`` (optional, in (0, 1], default 1): emulate a slower device on this one: every forward is
+  stretched to ``1 / speed`` of its time (a CPU quota cannot slow a short batch-1 forward; the
+  README says why); its profile must have been measured at the same speed.
 - aggregator only: ``deadline_ms`` (1000), ``missing_policy`` (``degrade``), ``max_pending`` (10000).
 - aggregator and edges: ``cpus`` (optional, per node: a list of CPU numbers of its host to pin the
   process to, e.g. ``[1]``; checked against the host when the node starts).
@@ -111,7 +114,7 @@ COMPUTE_KEYS = ("threads", "attention", "max_batch", "max_wait_ms")
 PLACEMENT_KEYS = ("cpus",)  # per node only: which CPUs of its host the process may run on
 OPS_KEYS = ("metrics_port",)  # Prometheus /metrics on this TCP port of the node's host (off when absent)
 AGGREGATOR_KEYS = ("deadline_ms", "missing_policy", "max_pending")
-EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms", "executor", "profile")
+EDGE_KEYS = ("submodel", "embed_dim", "max_queue_ms", "executor", "profile", "speed")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
     "edge": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *OPS_KEYS, *EDGE_KEYS),
     "aggregator": ("name", "role", "rank", *ADDRESS_KEYS, *COMPUTE_KEYS, *PLACEMENT_KEYS, *OPS_KEYS,
@@ -208,6 +211,7 @@ class NodeSpec:
     max_queue_ms: float | None = None  # edges: admission control (0: off)
     executor: str | None = None  # edges: what runs the sub-model (auto | torch | numba | numpy)
     profile: str | None = None  # edges: the device profile file of the edge's host (devit-mq profile)
+    speed: float = 1.0  # edges: < 1 emulates a slower device (every forward stretched to 1/speed)
     cpus: tuple[int, ...] | None = None  # CPU affinity on its host (None: the scheduler decides)
     metrics_port: int | None = None  # Prometheus /metrics (None: not served)
     key_path: str = field(default="", compare=False)  # where it was declared, e.g. "edges[1]"
@@ -534,6 +538,7 @@ def _parse_node(ck: _Checker, raw: Any, path: str, role: str, defaults: Mapping[
         out["submodel"] = ck.value(data, "submodel", path, int, minimum=0)
         out["embed_dim"] = ck.value(data, "embed_dim", path, int, minimum=1)
         out["profile"] = _parse_profile(ck, data, path, base_dir)
+        out["speed"] = ck.value(data, "speed", path, float, 1.0, above=0, maximum=1)
         _check_executor_attention(ck, out, path)
     if role == "client":
         return out
