@@ -104,7 +104,7 @@ def test_missing_or_unreadable_profile_files(tmp_path):
 
 
 def test_measure_times_every_grid_shape_and_fits():
-    grid = Grid(widths=(16, 32), heads=(1, 2), mlp_ratios=(2.0,), repeats=3)
+    grid = Grid(widths=(16, 32), heads=(1, 2), mlp_ratios=(2.0,), repeats=3, rounds=2)
     profile = measure(BASE, "here", executor="numpy", grid=grid)
     assert len(profile.samples) == 2 * len(grid.shapes()) and len(profile.blocks) == len(grid.shapes())
     assert all(s["ms"] > 0 for s in profile.samples)

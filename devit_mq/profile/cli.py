@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--widths", type=_ints, help="embed dims of the grid (default 32,48,64,96,128)")
     parser.add_argument("--heads", type=_ints, help="head counts of the grid (default 1,2,4)")
     parser.add_argument("--mlp-ratios", type=_floats, help="MLP ratios of the grid (default 1,2,4)")
-    parser.add_argument("--repeats", type=int, help="timed forwards per shape (median; default 15)")
+    parser.add_argument("--repeats", type=int, help="timed forwards per shape and round (median; default 5)")
+    parser.add_argument("--rounds", type=int,
+                        help="passes over the whole grid, interleaved (median of rounds; default 5)")
     parser.add_argument("--quick", action="store_true", help="a small grid and few repeats (smoke runs)")
     parser.add_argument("--check", action="store_true",
                         help="also time the bundle's own sub-models and print predicted vs measured")
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     grid = Grid.quick() if args.quick else Grid()
     overrides = {k: v for k, v in (("widths", args.widths), ("heads", args.heads), ("mlp_ratios", args.mlp_ratios),
-                                   ("repeats", args.repeats)) if v}
+                                   ("repeats", args.repeats), ("rounds", args.rounds)) if v}
     grid = Grid(**{**grid.__dict__, **overrides})
     if not grid.shapes():
         print("devit-mq profile: error: the grid is empty (no head count divides any width)", file=sys.stderr)

@@ -36,11 +36,12 @@ class Grid:
     widths: tuple[int, ...] = (32, 48, 64, 96, 128)
     heads: tuple[int, ...] = (1, 2, 4)
     mlp_ratios: tuple[float, ...] = (1.0, 2.0, 4.0)
-    repeats: int = 15
+    repeats: int = 5  # forwards per shape and round (their median is the round's time)
+    rounds: int = 5  # passes over the whole grid; a shape's time is the median of its rounds
 
     @classmethod
     def quick(cls) -> Grid:
-        return cls(widths=(32, 64, 96), heads=(1, 2), mlp_ratios=(2.0, 4.0), repeats=5)
+        return cls(widths=(32, 64, 96), heads=(1, 2), mlp_ratios=(2.0, 4.0), repeats=5, rounds=1)
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """``(embed_dim, num_heads, mlp_hidden)`` of every grid point."""
@@ -115,34 +116,48 @@ def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int 
     record the cap the caller runs under."""
     grid = grid or Grid()
     image = np.zeros((1, base.img_size, base.img_size, base.in_chans), np.uint8)
-    samples, blocks = [], []
-    shapes = grid.shapes()
-    for n, (dim, heads, hidden) in enumerate(shapes, 1):
-        ms = {}
-        for depth in DEPTHS:
-            cfg = base.replace(embed_dim=dim, num_heads=heads, mlp_ratio=hidden / dim, depth=depth,
-                               block_heads=None, block_mlp=None)
-            ms[depth] = time_forward(make_forward(cfg, executor, threads, speed), image, grid.repeats)
-            samples.append({"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden, "depth": depth,
-                            "ms": round(ms[depth], 4)})
-        per_block = (ms[DEPTHS[-1]] - ms[DEPTHS[0]]) / (DEPTHS[-1] - DEPTHS[0])
-        blocks.append({"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden, "ms_per_block": round(per_block, 4)})
-        if say:
-            say(f"[{n}/{len(shapes)}] dim {dim}, {heads} heads, MLP {hidden}: "
-                f"{ms[DEPTHS[0]]:.3f} ms at depth 1, {per_block:.3f} ms per block")
+    shapes = [(dim, heads, hidden, depth) for dim, heads, hidden in grid.shapes() for depth in DEPTHS]
+    forwards = [make_forward(base.replace(embed_dim=dim, num_heads=heads, mlp_ratio=hidden / dim, depth=depth,
+                                          block_heads=None, block_mlp=None), executor, threads, speed)
+                for dim, heads, hidden, depth in shapes]
+    ms = interleaved_ms(forwards, image, grid.repeats, grid.rounds, say)
+    samples = [{"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden, "depth": depth, "ms": round(t, 4)}
+               for (dim, heads, hidden, depth), t in zip(shapes, ms, strict=True)]
+    by_shape = {(s["embed_dim"], s["num_heads"], s["mlp_hidden"], s["depth"]): s["ms"] for s in samples}
+    blocks = [{"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden,
+               "ms_per_block": round((by_shape[dim, heads, hidden, DEPTHS[-1]] - by_shape[dim, heads, hidden, DEPTHS[0]])
+                                     / (DEPTHS[-1] - DEPTHS[0]), 4)}
+              for dim, heads, hidden in grid.shapes()]
     profile = DeviceProfile(device=device, executor=executor, threads=threads, input=input_of(base),
                             samples=samples, blocks=blocks, cpu_quota=cpu_quota, cfs_period_ms=cfs_period_ms, speed=speed,
                             host=host_info(), measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return profile.fit()
 
 
-def check_predictions(profile: DeviceProfile, configs: Sequence[ViTConfig], repeats: int = 15) -> list[dict[str, Any]]:
+def interleaved_ms(forwards: Sequence[Callable[[np.ndarray], np.ndarray]], image: np.ndarray, repeats: int,
+                   rounds: int, say: Callable[[str], None] | None = None) -> list[float]:
+    """Median ms of each forward: ``rounds`` passes over all of them, ``repeats`` timed forwards each.
+
+    A shared machine drifts by 20% and more over seconds; interleaving makes a slow spell touch every
+    shape alike instead of the few timed during it, which would bend the fitted costs."""
+    per_round: list[list[float]] = [[] for _ in forwards]
+    for r in range(rounds):
+        for i, forward in enumerate(forwards):
+            per_round[i].append(time_forward(forward, image, repeats))
+        if say:
+            say(f"round {r + 1}/{rounds}: {len(forwards)} shapes timed")
+    return [statistics.median(t) for t in per_round]
+
+
+def check_predictions(profile: DeviceProfile, configs: Sequence[ViTConfig], repeats: int = 5,
+                      rounds: int = 5) -> list[dict[str, Any]]:
     """Predicted vs measured ms of each config on this device (e.g. a bundle's real sub-models)."""
+    image = np.zeros((1, configs[0].img_size, configs[0].img_size, configs[0].in_chans), np.uint8)
+    forwards = [make_forward(cfg, profile.executor, profile.threads, profile.speed) for cfg in configs]
+    measured = interleaved_ms(forwards, image, repeats, rounds)
     out = []
-    for cfg in configs:
-        image = np.zeros((1, cfg.img_size, cfg.img_size, cfg.in_chans), np.uint8)
-        measured = time_forward(make_forward(cfg, profile.executor, profile.threads, profile.speed), image, repeats)
+    for cfg, ms in zip(configs, measured, strict=True):
         predicted = profile.predict_ms(cfg)
         out.append({"embed_dim": cfg.embed_dim, "depth": cfg.depth, "pruned": cfg.pruned, "predicted_ms": predicted,
-                    "measured_ms": measured, "rel_error": (predicted - measured) / measured})
+                    "measured_ms": ms, "rel_error": (predicted - ms) / ms})
     return out
