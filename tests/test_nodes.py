@@ -317,3 +317,34 @@ def test_a_node_tells_its_transport_when_it_is_idle_and_when_work_comes(monkeypa
     client.outstanding.clear()
     client.receive(0.01)
     assert hints == [True, False, True]
+
+
+def test_a_client_says_hello_again_only_when_answers_stop(monkeypatch):
+    """Answers that keep coming prove the binding: a busy client sends no refresh hellos (each costs
+    a full status reply); after REHELLO_S without an answer it rebinds (a restarted aggregator)."""
+    from devit_mq.protocol import ErrorMeta, Hello
+    from devit_mq.wire import decode
+
+    hub = InprocHub()
+    InprocTransport(hub, "edge0")
+    aggregator = InprocTransport(hub, "aggregator")
+    client = ClientNode("c", InprocTransport(hub, "c"), Roster("aggregator", {0: "edge0"}), timeout_s=30)
+
+    def hellos() -> int:
+        n = 0
+        while (got := aggregator.recv(0.05)) is not None:
+            n += isinstance(decode(got.frames).meta, Hello)
+        return n
+
+    client.hello()
+    ids = client.submit(images(2))
+    assert hellos() == 1
+    aggregator.send("c", encode(Message(Kind.ERROR, "aggregator", request_ids=(ids[0],),
+                                        meta=ErrorMeta(code="overloaded", message="busy"))))
+    assert [a.request_id for a in client.collect(1.0)] == [ids[0]]
+    client._last_hello -= 60  # the last hello is long past, but an answer just came
+    client.collect(0.01)
+    assert hellos() == 0
+    client._last_answer -= 60  # and now nothing has been answered for a minute
+    client.collect(0.01)
+    assert hellos() == 1

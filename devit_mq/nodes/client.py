@@ -44,8 +44,10 @@ EDGE_RETRY_S = 1.0
 # Clients wait at most this long for an edge's queue (a dead or saturated edge): the request then
 # goes on without that edge's features, and the aggregator answers it degraded at its deadline.
 CLIENT_SEND_TIMEOUT_S = 0.25
-# While requests are outstanding, a client says hello again this often: an aggregator that restarted
-# (or forgot a vanished connection) binds the name anew instead of dropping its answers.
+# While requests are outstanding and no answer has come for this long, a client says hello again: an
+# aggregator that restarted (or forgot a vanished connection) binds the name anew instead of dropping
+# its answers. Answers that keep coming prove the binding, so a busy client sends no hellos (each
+# costs a status reply of every node's telemetry on the client's link).
 REHELLO_S = 2.0
 
 
@@ -159,6 +161,7 @@ class ClientNode(NodeBase):
         self._held: list[Answer] = []  # answers received while waiting for something else
         self._skip_until: dict[str, float] = {}  # edge -> time.monotonic() before which it is skipped
         self._last_hello = -float("inf")  # time.monotonic() of the last hello that went out
+        self._last_answer = -float("inf")  # time.monotonic() of the last RESULT or ERROR from the aggregator
 
     # -- readiness handshake ----------------------------------------------------------------------
     def connect(self, timeout_s: float = 60.0, alive=None) -> dict:
@@ -188,7 +191,7 @@ class ClientNode(NodeBase):
     def hello(self, expect_failure: bool = False) -> bool:
         """Announce this client to the aggregator, which binds its name to this connection: answers
         go only there. :meth:`connect`, the first :meth:`submit` and, while requests are
-        outstanding, :meth:`collect` every ``REHELLO_S`` do it."""
+        outstanding but no answer came for ``REHELLO_S``, :meth:`collect` do it."""
         if self.control(self.aggregator, Hello(), expect_failure):
             self._last_hello = time.monotonic()
             return True
@@ -231,7 +234,7 @@ class ClientNode(NodeBase):
         """Answers that arrive within ``timeout_s`` (returns early once something arrived), plus
         timeout errors for requests older than the client's ``timeout_s``."""
         answers, self._held = self._held, []
-        if self.outstanding and time.monotonic() - self._last_hello > REHELLO_S:
+        if self.outstanding and time.monotonic() - max(self._last_hello, self._last_answer) > REHELLO_S:
             self.hello(expect_failure=True)
         msg = self.receive(0 if answers else timeout_s)
         while msg is not None:
@@ -244,6 +247,8 @@ class ClientNode(NodeBase):
         now = time.perf_counter()
         out = []
         meta = msg.meta
+        if msg.kind in (Kind.RESULT, Kind.ERROR):
+            self._last_answer = time.monotonic()
         if msg.kind == Kind.RESULT:
             assert isinstance(meta, ResultMeta) and msg.array is not None
             width = msg.array.shape[1]
