@@ -100,10 +100,11 @@ bundles: train-default
 
 # The bundle sized for the two unequal devices of topologies/unequal-*.yaml (their profiles in
 # topologies/profiles/, measured with `devit-mq profile`); the default run's teacher and per-group
-# teachers are reused.
+# teachers are reused when that run's work directory is there (same settings), else trained.
 train-balanced: install
 	mkdir -p runs/balanced-work
-	cp runs/default-work/teacher.* runs/default-work/group_teacher_* runs/balanced-work/
+	if [ -f runs/default-work/teacher.json ]; then \
+	  cp runs/default-work/teacher.* runs/default-work/group_teacher_* runs/balanced-work/; fi
 	$(DEVIT) train configs/balanced.yaml --resume
 
 lint: install
