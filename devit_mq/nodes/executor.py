@@ -121,9 +121,9 @@ class EmulatedSpeed:
 
     Why not a CPU quota: a CFS quota (or sharing the core with busier processes) caps throughput,
     but the kernel lets a task that wakes for a 1-3 ms batch-1 forward run at full speed (measured
-    in the README), so it never makes such a forward slower. The stretch sleeps rather than spins,
-    so the CPU stays free for the other nodes that share this machine but would have their own on
-    real hosts."""
+    in the README), so it never makes such a forward slower. The stretch spins rather than sleeps,
+    as a slower core would stay busy: a core left idle for the stretch runs the next forward up to
+    2x slower here (caches and the virtual CPU go cold), which made profiles disagree with nodes."""
 
     def __init__(self, inner: EdgeExecutor, speed: float) -> None:
         if not 0 < speed <= 1:
@@ -134,9 +134,10 @@ class EmulatedSpeed:
     def forward_prefix(self, images: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         out = self.inner.forward_prefix(images)
-        remaining_s = (time.perf_counter() - start) * (1 / self.speed - 1)
-        if remaining_s > 0:
-            time.sleep(remaining_s)
+        done = time.perf_counter()
+        until = done + (done - start) * (1 / self.speed - 1)
+        while time.perf_counter() < until:
+            pass
         return out
 
     def warm_up(self) -> None:
