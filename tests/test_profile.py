@@ -142,7 +142,7 @@ def test_profile_command_writes_a_loadable_profile(tmp_path, capsys):
     assert profile_main(["--device", "bench-box", "--out", str(out), "--executor", "numpy", "--quick",
                          "--widths", "32,64", "--repeats", "2", "--check"]) == 0
     profile = load_profile(out)
-    assert profile.device == "bench-box" and profile.executor == "numpy"
+    assert profile.device == "bench-box" and profile.executor == "numpy" and profile.gap_ms == 0.0  # --quick
     manifest = load_manifest(DEFAULT_BUNDLE)
     assert profile.input == input_of(manifest.submodels[0])
     printed = capsys.readouterr().out
@@ -157,6 +157,8 @@ def test_profile_command_errors_are_one_line(tmp_path, capsys):
     assert "grid is empty" in capsys.readouterr().err
     assert profile_main(["--device", "x", "--out", str(tmp_path / "p.json"), "--speed", "2"]) == 2
     assert "--speed must be in (0, 1], got 2" in capsys.readouterr().err
+    assert profile_main(["--device", "x", "--out", str(tmp_path / "p.json"), "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
 def test_profile_of_an_emulated_slower_device_is_slower_by_its_speed(tmp_path):

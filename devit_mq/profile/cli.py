@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed forwards per shape and round (median; default 5)")
     parser.add_argument("--rounds", type=int,
                         help="passes over the whole grid, interleaved (median of rounds; default 5)")
+    parser.add_argument("--gap-ms", type=float,
+                        help="idle before each timed forward, as an edge between batch-1 requests (default 3)")
     parser.add_argument("--quick", action="store_true", help="a small grid and few repeats (smoke runs)")
     parser.add_argument("--check", action="store_true",
                         help="also time the bundle's own sub-models and print predicted vs measured")
@@ -62,8 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     grid = Grid.quick() if args.quick else Grid()
     overrides = {k: v for k, v in (("widths", args.widths), ("heads", args.heads), ("mlp_ratios", args.mlp_ratios),
-                                   ("repeats", args.repeats), ("rounds", args.rounds)) if v}
+                                   ("repeats", args.repeats), ("rounds", args.rounds),
+                                   ("gap_ms", args.gap_ms)) if v is not None}
     grid = Grid(**{**grid.__dict__, **overrides})
+    if grid.repeats < 1 or grid.rounds < 1 or grid.gap_ms < 0:
+        print("devit-mq profile: error: --repeats and --rounds must be >= 1 and --gap-ms >= 0", file=sys.stderr)
+        return 2
     if not grid.shapes():
         print("devit-mq profile: error: the grid is empty (no head count divides any width)", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ File format (JSON, :func:`save_profile` / :func:`load_profile`)::
      "device": NAME, "executor": "numba" | "numpy" | "torch", "threads": INT,
      "cpu_quota": CPUs or null, "cfs_period_ms": ms or null,     # the CPU cap it was measured under
      "speed": 1.0,                   # < 1: measured on an emulated slower device (an edge's `speed:`)
+     "gap_ms": 3.0,                  # idle before each timed forward (a batch-1 edge between requests)
      "input": {img_size, in_chans, patch_size, stem, stem_channels, distilled},
      "samples": [{"embed_dim", "num_heads", "mlp_hidden", "depth", "ms"}, ...],   # whole forwards
      "blocks":  [{"embed_dim", "num_heads", "mlp_hidden", "ms_per_block"}, ...],  # depth 3 - depth 1
@@ -83,6 +84,7 @@ class DeviceProfile:
     cpu_quota: float | None = None
     cfs_period_ms: float | None = None
     speed: float = 1.0  # the emulated device speed it was measured at (EmulatedSpeed; 1: none)
+    gap_ms: float = 0.0  # idle before each timed forward (profiles before this field: none)
     blocks: list[dict[str, Any]] = field(default_factory=list)
     coef_ms: list[float] = field(default_factory=list)
     fit_median_rel_error: float = math.nan
@@ -142,6 +144,7 @@ class DeviceProfile:
             profile = cls(device=_str(data["device"]), executor=data["executor"], threads=int(data["threads"]),
                           input=dict(data["input"]), samples=list(data["samples"]), cpu_quota=data.get("cpu_quota"),
                           cfs_period_ms=data.get("cfs_period_ms"), speed=float(data.get("speed", 1.0)),
+                          gap_ms=float(data.get("gap_ms", 0.0)),
                           blocks=list(data.get("blocks", [])),
                           coef_ms=[float(c) for c in model["coef_ms"]],
                           fit_median_rel_error=float(model["fit_median_rel_error"]),

@@ -38,10 +38,11 @@ class Grid:
     mlp_ratios: tuple[float, ...] = (1.0, 2.0, 4.0)
     repeats: int = 5  # forwards per shape and round (their median is the round's time)
     rounds: int = 5  # passes over the whole grid; a shape's time is the median of its rounds
+    gap_ms: float = 3.0  # idle before each timed forward, as an edge waits between batch-1 requests
 
     @classmethod
     def quick(cls) -> Grid:
-        return cls(widths=(32, 64, 96), heads=(1, 2), mlp_ratios=(2.0, 4.0), repeats=5, rounds=1)
+        return cls(widths=(32, 64, 96), heads=(1, 2), mlp_ratios=(2.0, 4.0), repeats=5, rounds=1, gap_ms=0.0)
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """``(embed_dim, num_heads, mlp_hidden)`` of every grid point."""
@@ -83,12 +84,17 @@ def make_forward(cfg: ViTConfig, executor: str, threads: int, speed: float = 1.0
     return (edge if speed == 1 else EmulatedSpeed(edge, speed)).forward_prefix
 
 
-def time_forward(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, repeats: int) -> float:
-    """Median ms of ``repeats`` forwards after two warm-up calls (JIT, caches)."""
+def time_forward(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, repeats: int,
+                 gap_s: float = 0.0) -> float:
+    """Median ms of ``repeats`` forwards after two warm-up calls (JIT, caches), each after ``gap_s``
+    of idle: a serving edge's forward follows a wait for the request, and on this virtual machine a
+    forward after a few ms of idle takes up to 45% longer than one run back to back."""
     for _ in range(2):
         forward(image)
     times = []
     for _ in range(repeats):
+        if gap_s:
+            time.sleep(gap_s)
         start = time.perf_counter()
         forward(image)
         times.append(time.perf_counter() - start)
@@ -120,7 +126,7 @@ def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int 
     forwards = [make_forward(base.replace(embed_dim=dim, num_heads=heads, mlp_ratio=hidden / dim, depth=depth,
                                           block_heads=None, block_mlp=None), executor, threads, speed)
                 for dim, heads, hidden, depth in shapes]
-    ms = interleaved_ms(forwards, image, grid.repeats, grid.rounds, say)
+    ms = interleaved_ms(forwards, image, grid.repeats, grid.rounds, say, grid.gap_ms / 1e3)
     samples = [{"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden, "depth": depth, "ms": round(t, 4)}
                for (dim, heads, hidden, depth), t in zip(shapes, ms, strict=True)]
     by_shape = {(s["embed_dim"], s["num_heads"], s["mlp_hidden"], s["depth"]): s["ms"] for s in samples}
@@ -130,12 +136,13 @@ def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int 
               for dim, heads, hidden in grid.shapes()]
     profile = DeviceProfile(device=device, executor=executor, threads=threads, input=input_of(base),
                             samples=samples, blocks=blocks, cpu_quota=cpu_quota, cfs_period_ms=cfs_period_ms, speed=speed,
+                            gap_ms=grid.gap_ms,
                             host=host_info(), measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return profile.fit()
 
 
 def interleaved_ms(forwards: Sequence[Callable[[np.ndarray], np.ndarray]], image: np.ndarray, repeats: int,
-                   rounds: int, say: Callable[[str], None] | None = None) -> list[float]:
+                   rounds: int, say: Callable[[str], None] | None = None, gap_s: float = 0.0) -> list[float]:
     """Median ms of each forward: ``rounds`` passes over all of them, ``repeats`` timed forwards each.
 
     A shared machine drifts by 20% and more over seconds; interleaving makes a slow spell touch every
@@ -143,7 +150,7 @@ def interleaved_ms(forwards: Sequence[Callable[[np.ndarray], np.ndarray]], image
     per_round: list[list[float]] = [[] for _ in forwards]
     for r in range(rounds):
         for i, forward in enumerate(forwards):
-            per_round[i].append(time_forward(forward, image, repeats))
+            per_round[i].append(time_forward(forward, image, repeats, gap_s))
         if say:
             say(f"round {r + 1}/{rounds}: {len(forwards)} shapes timed")
     return [statistics.median(t) for t in per_round]
@@ -154,7 +161,7 @@ def check_predictions(profile: DeviceProfile, configs: Sequence[ViTConfig], repe
     """Predicted vs measured ms of each config on this device (e.g. a bundle's real sub-models)."""
     image = np.zeros((1, configs[0].img_size, configs[0].img_size, configs[0].in_chans), np.uint8)
     forwards = [make_forward(cfg, profile.executor, profile.threads, profile.speed) for cfg in configs]
-    measured = interleaved_ms(forwards, image, repeats, rounds)
+    measured = interleaved_ms(forwards, image, repeats, rounds, gap_s=profile.gap_ms / 1e3)
     out = []
     for cfg, ms in zip(configs, measured, strict=True):
         predicted = profile.predict_ms(cfg)
