@@ -129,7 +129,7 @@ def measure(base: ViTConfig, device: str, executor: str = "numba", threads: int 
     ms = interleaved_ms(forwards, image, grid.repeats, grid.rounds, say, grid.gap_ms / 1e3)
     samples = [{"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden, "depth": depth, "ms": round(t, 4)}
                for (dim, heads, hidden, depth), t in zip(shapes, ms, strict=True)]
-    by_shape = {(s["embed_dim"], s["num_heads"], s["mlp_hidden"], s["depth"]): s["ms"] for s in samples}
+    by_shape = dict(zip(shapes, ms, strict=True))
     blocks = [{"embed_dim": dim, "num_heads": heads, "mlp_hidden": hidden,
                "ms_per_block": round((by_shape[dim, heads, hidden, DEPTHS[-1]] - by_shape[dim, heads, hidden, DEPTHS[0]])
                                      / (DEPTHS[-1] - DEPTHS[0]), 4)}

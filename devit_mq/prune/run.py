@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,19 +196,15 @@ def forward_latency(before: ViTConfig, after: ViTConfig, rounds: int, repeats: i
     Shapes alone set the time, so random weights stand in for the trained ones; before and after are
     timed in interleaved rounds (a busy machine slows both alike) and the median round is kept.
     """
-    from ..profile.measure import make_forward, time_forward
+    from ..profile.measure import interleaved_ms, make_forward
 
     image = np.zeros((1, before.img_size, before.img_size, before.in_chans), np.uint8)
     out: dict[str, Any] = {"threads": 1, "rounds": rounds, "repeats": repeats,
                            "timing": "median over interleaved rounds of the median of each round's forwards"}
     for executor in LATENCY_EXECUTORS:
-        forwards = {"unpruned": make_forward(before, executor, 1), "pruned": make_forward(after, executor, 1)}
-        times: dict[str, list[float]] = {k: [] for k in forwards}
-        for _ in range(rounds):
-            for name, forward in forwards.items():
-                times[name].append(time_forward(forward, image, repeats))
-        ms = {k: statistics.median(v) for k, v in times.items()}
-        out[executor] = {**ms, "speedup": ms["unpruned"] / ms["pruned"]}
+        unpruned, pruned = interleaved_ms([make_forward(before, executor, 1), make_forward(after, executor, 1)],
+                                          image, repeats, rounds)
+        out[executor] = {"unpruned": unpruned, "pruned": pruned, "speedup": unpruned / pruned}
     return out
 
 
