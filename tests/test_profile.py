@@ -173,6 +173,40 @@ def test_profile_of_an_emulated_slower_device_is_slower_by_its_speed(tmp_path):
     assert times[0.25] > 2 * times[1.0]  # a stretch is a sleep: never shorter than asked (4x)
 
 
+def test_drift_scales_by_the_median_of_now_over_then_on_a_spread_of_grid_shapes(monkeypatch):
+    import devit_mq.profile.measure as measure_mod
+
+    profile = synthetic("fast", FAST)
+    timed = []
+
+    def fake_interleaved(forwards, image, repeats, rounds, say=None, gap_s=0.0):
+        timed.append(len(forwards))
+        return [2.0 * s for s in then]  # everything twice as slow now ...
+
+    deep = sorted(s["ms"] for s in profile.samples if s["depth"] == 3)
+    then = [deep[0], deep[7], deep[14], deep[21], deep[28], deep[-1]]
+    monkeypatch.setattr(measure_mod, "interleaved_ms", fake_interleaved)
+    result = measure_mod.drift(profile, shapes=6)
+    assert result["ratio"] == pytest.approx(2.0) and timed == [6]
+    assert [s["depth"] for s in result["shapes"]] == [3] * 6  # ... on the spread of depth-3 samples
+    then[0] *= 10  # one outlier shape does not move the median
+    assert measure_mod.drift(profile, shapes=6)["ratio"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no depth-3 samples"):
+        measure_mod.drift(DeviceProfile(device="x", executor="numpy", threads=1, input=profile.input,
+                                        samples=[s for s in profile.samples if s["depth"] == 1]))
+
+
+def test_drift_sees_a_device_slower_than_its_profile(tmp_path):
+    from devit_mq.profile.measure import drift
+
+    out = tmp_path / "p.json"
+    assert profile_main(["--device", "d", "--out", str(out), "--executor", "numpy", "--quick",
+                         "--widths", "32,64", "--repeats", "3"]) == 0
+    profile = load_profile(out)
+    profile.speed = 0.25  # the same device, now emulated at a quarter of its speed
+    assert drift(profile, shapes=3, repeats=3, rounds=1)["ratio"] > 2  # a stretch is never shorter than asked
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not (CGROUP_CPU / "cpu.cfs_quota_us").exists(),
                     reason="a CPU cap needs root and the cgroup v1 cpu controller")
 def test_profile_under_a_cpu_cap_records_it_and_removes_its_cgroup(tmp_path):
@@ -259,6 +293,9 @@ def test_bench_balance_runs_both_topologies_and_reports_measured_and_predicted(b
             e = summary["edges"][edge]
             assert e["measured_ms"] > 0 and e["embed_dim"] == manifest.submodels[i].embed_dim
             assert e["predicted_ms"] == pytest.approx(load_profile(profiles[i]).predict_ms(manifest.submodels[i]))
+            ratios = [r["edges"][edge]["drift"]["ratio"] for r in result["runs"][name]]
+            assert e["predicted_calibrated_ms"] == pytest.approx(e["predicted_ms"] * np.median(ratios))
+            assert e["rel_error_calibrated"] == pytest.approx(e["predicted_calibrated_ms"] / e["measured_ms"] - 1)
     assert result["summary"]["speedup_p50"] > 0 and "balanced vs equal, batch-1 p50" in capsys.readouterr().out
 
 
@@ -292,9 +329,10 @@ def test_shipped_topologies_have_no_stale_profiles():
                 assert (path.parent / edge["profile"]).is_file(), f"{path}: {edge['profile']}"
 
 
-def _round(p50: float, edges: dict) -> dict:
+def _round(p50: float, edges: dict, ratio: float | None = None) -> dict:
     return {"latency_p50_ms": p50, "latency_p99_ms": 2 * p50, "accuracy": 0.97, "requests": 10,
-            "edges": {e: {"embed_dim": d, "depth": 6, "executor": x, "measured_compute_p50_ms": m, "predicted_ms": p}
+            "edges": {e: {"embed_dim": d, "depth": 6, "executor": x, "measured_compute_p50_ms": m, "predicted_ms": p,
+                          "predicted_calibrated_ms": None if ratio is None else p * ratio}
                       for e, (d, x, m, p) in edges.items()}}
 
 
@@ -308,7 +346,14 @@ def test_bench_balance_summary_takes_medians_and_the_prediction_error():
     assert summary["speedup_p50"] == pytest.approx(1.8)
     assert summary["balanced"]["edges"]["edge1"]["rel_error"] == pytest.approx(1.1 / 1.1 - 1)
     assert summary["equal"]["edges"]["edge1"]["rel_error"] == pytest.approx((2.7 - 3.1) / 3.1)
-    assert "1.80x" in format_summary(summary)
+    assert summary["equal"]["edges"]["edge1"]["rel_error_calibrated"] is None  # not calibrated
+    assert "1.80x" in format_summary(summary) and "calibrated" not in format_summary(summary).split("\n", 2)[2]
+    runs["equal"] = [_round(4.0, {"edge1": (64, "numpy", 3.0, 2.7)}, 1.0),
+                     _round(5.0, {"edge1": (64, "numpy", 3.2, 2.7)}, 1.2)]  # the device ran 0-20% slower
+    edge = summarize(runs)["equal"]["edges"]["edge1"]
+    assert edge["predicted_calibrated_ms"] == pytest.approx(2.7 * 1.1)
+    assert edge["rel_error_calibrated"] == pytest.approx(2.97 / 3.1 - 1)
+    assert "calibrated 2.970 (-4%)" in format_summary(summarize(runs))
 
 
 def test_bench_balance_names_a_bad_topology(tmp_path, capsys):

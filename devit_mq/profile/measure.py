@@ -168,3 +168,24 @@ def check_predictions(profile: DeviceProfile, configs: Sequence[ViTConfig], repe
         out.append({"embed_dim": cfg.embed_dim, "depth": cfg.depth, "pruned": cfg.pruned, "predicted_ms": predicted,
                     "measured_ms": ms, "rel_error": (predicted - ms) / ms})
     return out
+
+
+def drift(profile: DeviceProfile, shapes: int = 6, repeats: int = 5, rounds: int = 3) -> dict[str, Any]:
+    """How fast this device runs now against when ``profile`` was measured.
+
+    Re-times ``shapes`` of the profile's own depth-3 grid forwards, spread over its range of times, with
+    its executor, threads, speed and idle gap, in this process (pin it to the device's CPUs first).
+    ``ratio`` is the median of now / then: multiplying a prediction by it carries the profile to this
+    hour. A shared machine's speed drifts by 20% and more within an hour, which is not the cost model's
+    error; the shapes timed are the grid's, never the model being predicted."""
+    deep = sorted((s for s in profile.samples if s["depth"] == DEPTHS[-1]), key=lambda s: s["ms"])
+    if not deep:
+        raise ValueError(f"profile {profile.device!r} has no depth-{DEPTHS[-1]} samples to calibrate with")
+    picked = [deep[round(i * (len(deep) - 1) / max(1, shapes - 1))] for i in range(min(shapes, len(deep)))]
+    configs = [profile.sample_config(s) for s in picked]
+    image = np.zeros((1, configs[0].img_size, configs[0].img_size, configs[0].in_chans), np.uint8)
+    forwards = [make_forward(cfg, profile.executor, profile.threads, profile.speed) for cfg in configs]
+    now = interleaved_ms(forwards, image, repeats, rounds, gap_s=profile.gap_ms / 1e3)
+    ratios = [t / s["ms"] for t, s in zip(now, picked, strict=True)]
+    return {"ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
+            "shapes": [{k: s[k] for k in ("embed_dim", "num_heads", "mlp_hidden", "depth")} for s in picked]}
