@@ -46,8 +46,35 @@ def test_shipped_link_profiles_load():
     links = load_links()
     assert {"gigabit", "fast-ethernet", "wifi-20"} <= set(links.profiles)
     assert links.profiles["wifi-20"].rate_mbit == 20 and links.profiles["wifi-20"].delay_ms == 5
+    # the bandwidth sweep: profiles that differ in rate only
+    sweep = [p for p in links.profiles.values() if p.delay_ms == 0 and p.jitter_ms == 0]
+    assert sorted(p.rate_mbit for p in sweep) == [10, 20, 100, 1000]
     assert links.device.cpu is not None and links.client.cpu is None
     assert links.device_of("edge0") == links.device and links.device_of("client") == links.client
+
+
+def _results(rows: dict[str, tuple[float, float, dict[str, float]]]) -> dict:
+    """Testbed results from {profile: (rate_mbit, delay_ms, {system: p50_ms})}."""
+    return {"profiles": {n: {s: {"latency_p50_ms": ms} for s, ms in p50.items()} for n, (_, _, p50) in rows.items()},
+            "links": {n: {"rate_mbit": r, "delay_ms": d, "jitter_ms": 0.0} for n, (r, d, _) in rows.items()},
+            "image_codec": "jpeg", "shapes": "issue"}
+
+
+def test_the_bandwidth_sweep_holds_the_delay_fixed_and_says_whether_the_advantage_grows(tmp_path):
+    from devit_mq.testbed.cli import bandwidth_sweep, plot
+
+    results = _results({"slow": (10, 0, {"devit": 50, "pipeline": 250, "monolith": 150}),
+                        "fast": (1000, 0, {"devit": 40, "pipeline": 120, "monolith": 150}),
+                        "mid": (100, 0, {"devit": 42, "pipeline": 140, "monolith": 150}),
+                        "wifi": (20, 5, {"devit": 70, "pipeline": 200, "monolith": 150})})
+    (sweep,) = bandwidth_sweep(results)  # wifi alone at its delay: no sweep of its own
+    assert sweep["delay_ms"] == 0 and [s["profile"] for s in sweep["steps"]] == ["fast", "mid", "slow"]
+    assert [s["p50_vs_pipeline"] for s in sweep["steps"]] == pytest.approx([3.0, 140 / 42, 5.0])
+    assert sweep["steps"][2]["gap_ms_vs_monolith"] == 100 and sweep["grows_vs_pipeline"] is True
+    results["profiles"]["mid"]["pipeline"]["latency_p50_ms"] = 100  # 2.38x: falls, then grows
+    assert bandwidth_sweep(results)[0]["grows_vs_pipeline"] is False
+    plot(results, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
 def test_hosts_can_be_made_unequal(tmp_path):

@@ -102,27 +102,69 @@ def _without_probabilities(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _delay_groups(results: dict[str, Any]) -> dict[tuple[float, float], list[str]]:
+    """Profiles that differ only in rate, fastest first: {(delay_ms, jitter_ms): [profile, ...]}."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for name in results["profiles"]:
+        link = results["links"][name]
+        groups.setdefault((link["delay_ms"], link["jitter_ms"]), []).append(name)
+    return {k: sorted(v, key=lambda n: -results["links"][n]["rate_mbit"]) for k, v in groups.items()}
+
+
+def bandwidth_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """DeViT's p50 advantage as the rate falls with the delay held fixed (one entry per delay with at
+    least two rates): the ratio and the gap in ms to each baseline, and whether the ratio over the
+    pipeline grows at every step down in rate. Added delay is paid once per hop by every system, so it
+    is held fixed rather than mixed into the comparison."""
+    out = []
+    for (delay, jitter), names in _delay_groups(results).items():
+        names = [n for n in names if "devit" in results["profiles"][n]]
+        if len(names) < 2:
+            continue
+        steps = []
+        for name in names:
+            systems = results["profiles"][name]
+            d = systems["devit"]["latency_p50_ms"]
+            steps.append({"profile": name, "rate_mbit": results["links"][name]["rate_mbit"],
+                          **{f"p50_vs_{s}": systems[s]["latency_p50_ms"] / d for s in systems if s != "devit"},
+                          **{f"gap_ms_vs_{s}": systems[s]["latency_p50_ms"] - d for s in systems if s != "devit"}})
+        entry: dict[str, Any] = {"delay_ms": delay, "jitter_ms": jitter, "steps": steps}
+        if all("p50_vs_pipeline" in s for s in steps):
+            ratios = [s["p50_vs_pipeline"] for s in steps]
+            entry["grows_vs_pipeline"] = all(b > a for a, b in zip(ratios, ratios[1:]))
+        out.append(entry)
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Latency and DeViT's speedup against link rate: a line per system over the profiles that differ
+    only in rate, open markers for the profiles with added delay."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (lat_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4))
     profiles = results["profiles"]
-    rates = {p: results["links"][p]["rate_mbit"] for p in profiles}
-    for system in SYSTEMS:
-        xs = [rates[p] for p in profiles if system in profiles[p]]
-        ys = [profiles[p][system]["latency_p50_ms"] for p in profiles if system in profiles[p]]
-        if xs:
-            order = np.argsort(xs)
-            ax.plot(np.array(xs)[order], np.array(ys)[order], marker="o", label=system)
-    ax.set_xscale("log")
-    ax.set_xlabel("link rate (Mbit/s)")
-    ax.set_ylabel("batch-1 latency p50 (ms)")
-    ax.set_title(f"testbed: {results.get('shapes', '')} ({results.get('image_codec')} images)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    for (delay, _), names in _delay_groups(results).items():
+        style = {"marker": "o"} if delay == 0 else {"marker": "s", "linestyle": ":", "fillstyle": "none"}
+        suffix = "" if delay == 0 else f" (+{delay:g} ms/hop)"
+        for i, system in enumerate(SYSTEMS):
+            row = [(results["links"][p]["rate_mbit"], profiles[p][system]["latency_p50_ms"])
+                   for p in names if system in profiles[p]]
+            if row:
+                lat_ax.plot(*zip(*row), color=f"C{i}", label=system + suffix, **style)
+            if system != "devit" and row and all("devit" in profiles[p] for p in names):
+                ratios = [(results["links"][p]["rate_mbit"],
+                           profiles[p][system]["latency_p50_ms"] / profiles[p]["devit"]["latency_p50_ms"]) for p in names]
+                speed_ax.plot(*zip(*ratios), color=f"C{i}", label=f"vs {system}{suffix}", **style)
+    for ax, ylabel in ((lat_ax, "batch-1 latency p50 (ms)"), (speed_ax, "DeViT p50 speedup (x)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"testbed: {results.get('shapes', '')} ({results.get('image_codec')} images)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -205,8 +247,13 @@ def main(argv: list[str]) -> int:
     finally:
         results["teardown_leftovers"] = leftovers()
     results["speedups"] = speedups(results)
+    results["bandwidth_sweep"] = bandwidth_sweep(results)
     print("\n".join(table(results)))
     print("p50 speedup of DeViT: " + json.dumps(results["speedups"]))
+    for sweep in results["bandwidth_sweep"]:
+        steps = ", ".join(f"{s['rate_mbit']:g} Mbit/s {s.get('p50_vs_pipeline', float('nan')):.2f}x" for s in sweep["steps"])
+        print(f"DeViT vs pipeline as the rate falls (+{sweep['delay_ms']:g} ms/hop): {steps}; "
+              f"grows at every step: {sweep.get('grows_vs_pipeline')}")
     print("after teardown: " + json.dumps(results["teardown_leftovers"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
