@@ -35,6 +35,10 @@ EDGE_SILENCE_S = 3.0
 
 log = logging.getLogger("devit_mq.nodes")
 
+# Metric names built once, not per message
+_RECV_KEY = {kind: f"recv.{kind.name.lower()}" for kind in Kind}
+_SENT_KEY = {kind: f"sent.{kind.name.lower()}" for kind in Kind}
+
 
 class Sent(enum.Enum):
     """What became of a send; true only for ``OK``. ``GONE``: the connection no longer exists."""
@@ -88,6 +92,9 @@ class NodeBase:
         self.running = True
         self.log = RateLimitedLog(log)
         self._peer_names = frozenset({roster.aggregator, *roster.owners.values()})
+        # byte-counter names per link, in both directions (bounded: the topology's peers and OTHER)
+        self._bytes_out = {p: f"{name}->{p}" for p in (*self._peer_names, OTHER)}
+        self._bytes_in = {p: f"{p}->{name}" for p in (*self._peer_names, OTHER)}
         self.last_peer: Peer | None = None  # who sent the message :meth:`receive` returned last
         self._last_work = time.monotonic()  # when the last request-carrying message arrived
         self._idle = False  # what the transport was last told (set_idle)
@@ -135,8 +142,8 @@ class NodeBase:
             if not expect_failure:
                 self.log.warning(f"send.{link}", "%s: cannot send %s to %s: %s", self.name, kind.name, name, exc)
             return Sent.GONE if isinstance(exc, PeerGone) else Sent.FAILED
-        self.metrics.add_bytes(f"{self.name}->{link}", len(frames[0]) + len(frames[1]))
-        self.metrics.count(f"sent.{kind.name.lower()}")
+        self.metrics.add_bytes(self._bytes_out[link], len(frames[0]) + len(frames[1]))
+        self.metrics.count(_SENT_KEY[kind])
         return Sent.OK
 
     def in_flight(self) -> bool:
@@ -175,8 +182,8 @@ class NodeBase:
             return None
         if msg.kind in _WORK_KINDS:
             self._last_work = time.monotonic()
-        self.metrics.count(f"recv.{msg.kind.name.lower()}")
-        self.metrics.add_bytes(f"{self.link_name(msg.source)}->{self.name}", sum(len(f) for f in frames))
+        self.metrics.count(_RECV_KEY[msg.kind])
+        self.metrics.add_bytes(self._bytes_in[self.link_name(msg.source)], len(frames[0]) + len(frames[1]))
         self.last_peer = inbound.peer
         return msg
 

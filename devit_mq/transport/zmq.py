@@ -45,6 +45,7 @@ from .base import Inbound, Peer, PeerGone, Transport, TransportError, check_fram
 TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTVL_S, TCP_KEEPALIVE_CNT = 5, 1, 5  # ~10 s on an idle link
 ZERO_COPY_BYTES = 64 * 1024
 ROUTING_ID_BYTES = 16  # random, so no peer can guess (and take over) another's connection
+DRAIN_PER_POLL = 16  # messages taken from one ready socket per poll (see recv)
 
 _PATTERN_SOCKET = {"request": zmq.DEALER, "push": zmq.PUSH}
 
@@ -183,7 +184,8 @@ class ZmqTransport(Transport):
         parts = check_frames(self.node, name, frames, self.topology.limits.max_message_bytes)
         self._send(self._inbox, [peer.route, *parts], name, zmq.DONTWAIT)  # never stall on one reader
 
-    def _take(self, sock: zmq.Socket) -> Inbound | None:
+    def _take(self, sock: zmq.Socket) -> Inbound | None | bool:
+        """One message from ``sock``: an :class:`Inbound`, None for one to ignore, False if empty."""
         inbox = sock is self._inbox
         try:
             if self.curve and inbox:  # frames as zmq.Frame, to read the User-Id the ZAP handler set
@@ -195,7 +197,7 @@ class ZmqTransport(Transport):
             else:
                 parts, key = sock.recv_multipart(zmq.NOBLOCK), None
         except zmq.Again:
-            return None
+            return False
         if not inbox:
             # an answer on one of our own links: the peer is the server that link reaches (under
             # CURVE we authenticated its key when connecting)
@@ -218,12 +220,16 @@ class ZmqTransport(Transport):
         while True:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
             events = dict(self._poller.poll(wait_ms))
-            # take one message from every ready socket so a busy one cannot starve the others
+            # Up to DRAIN_PER_POLL messages from every ready socket: one poll (a syscall) serves a
+            # burst, and no busy socket can starve the others for more than that many messages.
             for sock in self._recv_socks:
                 if events.get(sock, 0) & zmq.POLLIN:
-                    inbound = self._take(sock)
-                    if inbound is not None:
-                        self._ready.append(inbound)
+                    for _ in range(DRAIN_PER_POLL):
+                        inbound = self._take(sock)
+                        if inbound is False:
+                            break
+                        if inbound is not None:
+                            self._ready.append(inbound)
             if self._ready:
                 return self._ready.popleft()
             if deadline is not None and time.monotonic() >= deadline:

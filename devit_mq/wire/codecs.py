@@ -165,12 +165,14 @@ def _exact_encode(x: np.ndarray, block: int) -> bytes:  # fp32, and raw with the
     return x.tobytes()
 
 
+# A view of the frame in one call (``np.frombuffer(...).reshape`` is two, 0.6 us more at batch 1); the
+# caller has checked that the length is exact.
 def _fp32_decode(buf: Any, shape: tuple[int, ...], block: int, dtype: str) -> np.ndarray:
-    return np.frombuffer(buf, dtype=_F32).reshape(shape)
+    return np.ndarray(shape, _F32, buf)
 
 
 def _raw_decode(buf: Any, shape: tuple[int, ...], block: int, dtype: str) -> np.ndarray:
-    return np.frombuffer(buf, dtype=RAW_DTYPES[dtype]).reshape(shape)
+    return np.ndarray(shape, RAW_DTYPES[dtype], buf)
 
 
 def _fp16_encode(x: np.ndarray, block: int) -> bytes:

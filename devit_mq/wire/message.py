@@ -41,7 +41,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -63,6 +63,7 @@ from devit_mq.protocol import (
 from .codecs import (
     CODECS,
     DEFAULT_BLOCK_SIZE,
+    Codec,
     block_size_for,
     byte_view,
     check_dtype,
@@ -182,17 +183,15 @@ def _check_timestamps(stamps: object, max_len: int) -> dict[str, float]:
     return out
 
 
-def _header(msg: Message) -> tuple[dict[str, Any], bytes]:
-    """The header fields (short keys) and the payload of ``msg``, checked as a receiver would."""
+def _header(msg: Message) -> tuple[_Header, bytes]:
+    """The header and the payload of ``msg``, checked as a receiver would."""
     kind = _kind(msg.kind)
-    header: dict[str, Any] = {"v": WIRE_VERSION, "k": int(kind)}
-    header["s"] = _check_name(msg.source, "source", required=True, max_len=DEFAULT_LIMITS.max_name_len)
-    if msg.reply_to:
-        header["r"] = _check_name(msg.reply_to, "reply_to", required=False, max_len=DEFAULT_LIMITS.max_name_len)
+    source, reply_to = msg.source, msg.reply_to or ""
+    names_crc = _names_crc(source, reply_to, DEFAULT_LIMITS.max_name_len)
     ids = msg.request_ids
-    if ids:
-        header["i"] = _pack_ids(ids)
+    raw_ids = _pack_ids(ids) if ids else b""
     payload = b""
+    codec = dtype = shape = block = None
     ndim = ARRAY_NDIM.get(kind)
     if ndim is None:
         if msg.array is not None:
@@ -205,27 +204,42 @@ def _header(msg: Message) -> tuple[dict[str, Any], bytes]:
             raise WireError("shape", f"{kind.name} arrays have {ndim} axes, got shape {enc.shape}")
         if enc.shape[0] != len(ids):
             raise WireError("request_ids", f"{len(ids)} request ids for {enc.shape[0]} array rows")
-        header["c"] = enc.codec
-        header["t"] = enc.dtype
-        header["h"] = enc.shape
+        codec, dtype, shape, payload = enc.codec, enc.dtype, enc.shape, enc.payload
         if enc.codec == "int8-block":
-            header["b"] = enc.block_size
-        payload = enc.payload
+            block = enc.block_size
+    meta = None
     if msg.meta is None or msg.meta is not META_DEFAULT[kind]:
-        header["m"] = _pack_meta(kind, msg.meta, len(ids) if ndim is not None else None)
-    if msg.timestamps:
-        header["ts"] = _check_timestamps(msg.timestamps, DEFAULT_LIMITS.max_name_len)
-    header["x"] = _routing_crc(header["s"], header.get("r", ""), header.get("i", b""))
+        meta = _pack_meta(kind, msg.meta, len(ids) if ndim is not None else None)
+    stamps = _check_timestamps(msg.timestamps, DEFAULT_LIMITS.max_name_len) if msg.timestamps else None
+    header = _Header(WIRE_VERSION, int(kind), source, reply_to, raw_ids, codec, dtype, shape, block, meta, stamps,
+                     zlib.crc32(raw_ids, names_crc))
     return header, payload
 
 
-def _routing_crc(source: str, reply_to: str, raw_ids: bytes) -> int:
-    """CRC-32 of the fields that route a message (source, reply_to, request ids).
+#: CRC-32 of (source, reply_to) pairs whose names passed their checks, by (source, reply_to, max
+#: name length): a node sends and receives few distinct pairs, so their checks run once. Bounded:
+#: a peer cycling through names only clears it.
+_NAME_CRCS: dict[tuple[str, str, int], int] = {}
+_MAX_CACHED = 256
+
+
+def _names_crc(source: object, reply_to: object, max_len: int) -> int:
+    """The CRC-32 of the two names that route a message, once both are known good (else a
+    :class:`WireError` naming the bad one); the request ids are added to it by the caller.
 
     Transports deliver intact bytes, but a corrupted id would make the aggregator answer a request
-    nobody asked and drop the real one later as "late"; this catches that for about 0.3 us. Array
-    payloads are not covered: a flipped pixel misleads one prediction, it cannot misroute."""
-    return zlib.crc32(raw_ids, zlib.crc32(f"{source}\0{reply_to}".encode()))
+    nobody asked and drop the real one later as "late"; the CRC catches that. Array payloads are not
+    covered: a flipped pixel misleads one prediction, it cannot misroute."""
+    key = (source, reply_to, max_len) if type(source) is str and type(reply_to) is str else None
+    crc = _NAME_CRCS.get(key) if key is not None else None  # type: ignore[arg-type]
+    if crc is None:
+        _check_name(source, "source", required=True, max_len=max_len)
+        _check_name(reply_to, "reply_to", required=False, max_len=max_len)
+        crc = zlib.crc32(f"{source}\0{reply_to}".encode())
+        if len(_NAME_CRCS) >= _MAX_CACHED:
+            _NAME_CRCS.clear()
+        _NAME_CRCS[key] = crc  # type: ignore[index]
+    return crc
 
 
 def _pack_meta(kind: Kind, meta: object, rows: int | None) -> bytes:
@@ -253,7 +267,7 @@ def encode(msg: Message) -> list[bytes]:
     Refuses (with a :class:`WireError` naming the field) anything a receiver with the default
     :class:`Limits` would drop, so a sender's bug shows up at the sender."""
     header, payload = _header(msg)
-    return [_HEADER_ENCODER.encode(_Header(**header)), payload]
+    return [_HEADER_ENCODER.encode(header), payload]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +311,102 @@ def _unpack_meta(kind: Kind, packed: object, limits: Limits, rows: int | None) -
     return meta
 
 
+class _Plan(NamedTuple):
+    """What a header's static fields (version, kind, names, codec, dtype, shape, block) imply, once
+    they have passed every check: a node receives the same few headers over and over (one per link
+    and batch size), so their checks run once and later messages only pay for what changes per
+    message (request ids, checksum, payload, meta, stamps)."""
+
+    kind: Kind
+    names_crc: int  # CRC-32 of source and reply_to, to which the request ids are added
+    ndim: int | None
+    spec: Codec | None
+    shape: tuple[int, ...]
+    block: int  # the block the payload uses (0 unless the codec is scaled)
+    block_size: int  # what the decoded Message reports
+
+
+#: Plans by (header's static fields, the limits they are checked against). Bounded: a peer that cycles through headers only clears
+#: it (the checks then run every time, as they would without it), it cannot grow memory.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(h: _Header, limits: Limits) -> _Plan:
+    shape_key = tuple(h.h) if h.h is not None else None
+    # the limits the static checks read (hashing the Limits dataclass itself costs more)
+    key = (h.v, h.k, h.s, h.r, h.c, h.t, shape_key, h.b, limits.max_name_len, limits.max_batch,
+           limits.max_message_bytes)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _check_static(h, shape_key, limits)
+        if len(_PLANS) >= _MAX_CACHED:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _routing_ids(h: _Header, names_crc: int, limits: Limits) -> tuple[int, ...]:
+    """The request ids, once their count and the routing CRC are checked."""
+    raw_ids = h.i
+    if len(raw_ids) % 8 or len(raw_ids) > 8 * limits.max_batch:
+        raise WireError("request_ids", f"must be at most {limits.max_batch} packed uint64s")
+    if h.x is not None and h.x != zlib.crc32(raw_ids, names_crc):
+        raise WireError("checksum", "routing fields (source, reply_to, request ids) fail their CRC-32: "
+                                    "the header was corrupted")
+    return struct.unpack(f"<{len(raw_ids) >> 3}Q", raw_ids) if raw_ids else ()
+
+
+def _check_rows(shape: tuple[int, ...], ids: tuple[int, ...]) -> None:
+    if shape[0] != len(ids):
+        raise WireError("request_ids", f"{len(ids)} request ids for {shape[0]} array rows")
+    if len(ids) > 1 and len(set(ids)) != len(ids):  # one row per request: a repeat is a forgery
+        raise WireError("request_ids", "the same request id appears on two rows")
+
+
+def _check_static(h: _Header, shape: tuple | None, limits: Limits) -> _Plan:
+    """Every check on the header's static fields; a :class:`WireError` naming the first that fails.
+    The per-message routing checks run here too, where they fall in the order of the checks, so the
+    error a message gets does not depend on whether its header was seen before."""
+    if h.v != WIRE_VERSION:
+        raise WireError("version", f"unsupported wire format version {h.v!r:.40}, expected {WIRE_VERSION}")
+    kind = _kind(h.k)
+    # Strings may be as long as the header; each field's own limit is checked here so the error names it.
+    names_crc = _names_crc(h.s, h.r, limits.max_name_len)
+    ids = _routing_ids(h, names_crc, limits)
+    ndim = ARRAY_NDIM.get(kind)
+    if ndim is None:
+        present = [key for key in (*_ARRAY_KEYS, "b") if getattr(h, key) is not None]
+        if present:
+            raise WireError(_KEY_NAMES[present[0]], f"{kind.name} messages carry no array")
+        return _Plan(kind, names_crc, None, None, (), 0, DEFAULT_BLOCK_SIZE)
+    for key in _ARRAY_KEYS:
+        if getattr(h, key) is None:
+            raise WireError(_KEY_NAMES[key], f"missing from a {kind.name} message")
+    assert shape is not None
+    if len(shape) != ndim:
+        raise WireError("shape", f"{kind.name} arrays have {ndim} axes, got {list(shape)!r:.80}")
+    shape = check_shape(shape)
+    if shape[0] > limits.max_batch:
+        raise WireError("shape", f"batch of {shape[0]} exceeds the limit of {limits.max_batch}")
+    if math.prod(shape) > limits.max_message_bytes:
+        raise WireError("shape", f"{shape} holds more elements than a message may have bytes")
+    _check_rows(shape, ids)
+    spec = CODECS.get(h.c)
+    if spec is None:
+        raise WireError("codec", f"unknown codec {h.c!r:.40}")
+    check_dtype(spec, h.t)
+    block_size = DEFAULT_BLOCK_SIZE
+    if spec.name == "int8-block":
+        if h.b is None:
+            raise WireError("block_size", "missing for codec int8-block")
+        block = block_size = block_size_for(spec, shape[-1], h.b)
+    elif h.b is not None:
+        raise WireError("block_size", f"codec {h.c!r} takes no block size")
+    else:
+        block = block_size_for(spec, shape[-1], 0)
+    return _Plan(kind, names_crc, ndim, spec, shape, block, block_size)
+
+
 def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, expect_source: str | None) -> Message:
     if type(head) is not bytes:
         head = byte_view(head, "frames")
@@ -307,75 +417,33 @@ def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, e
     if len(head) + len(payload) > limits.max_message_bytes:
         raise WireError("size", f"{len(head) + len(payload)} bytes exceed the limit of {limits.max_message_bytes}")
     h = _parse_header(head)
-    if h.v != WIRE_VERSION:
-        raise WireError("version", f"unsupported wire format version {h.v!r:.40}, expected {WIRE_VERSION}")
-    kind = _kind(h.k)
+    plan = _plan(h, limits)
+    kind = plan.kind
     if expect_kind is not None and kind != expect_kind:
         raise WireError("kind", f"expected {Kind(expect_kind).name}, got {kind.name}")
-    # Strings may be as long as the header; each field's own limit is checked here so the error names it.
-    source = _check_name(h.s, "source", required=True, max_len=limits.max_name_len)
+    source = h.s
     if expect_source is not None and source != expect_source:
         raise WireError("source", f"expected a message from {expect_source!r}, got {source!r}")
-    reply_to = _check_name(h.r, "reply_to", required=False, max_len=limits.max_name_len)
 
-    raw_ids = h.i
-    if len(raw_ids) % 8 or len(raw_ids) > 8 * limits.max_batch:
-        raise WireError("request_ids", f"must be at most {limits.max_batch} packed uint64s")
-    ids: tuple[int, ...] = struct.unpack(f"<{len(raw_ids) >> 3}Q", raw_ids) if raw_ids else ()
-    if h.x is not None and h.x != _routing_crc(source, reply_to, raw_ids):
-        raise WireError("checksum", "routing fields (source, reply_to, request ids) fail their CRC-32: "
-                                    "the header was corrupted")
+    ids = _routing_ids(h, plan.names_crc, limits)
 
     array = None
     codec = "fp32"
-    block_size = DEFAULT_BLOCK_SIZE
-    ndim = ARRAY_NDIM.get(kind)
-    if ndim is None:
-        present = [key for key in (*_ARRAY_KEYS, "b") if getattr(h, key) is not None]
-        if present:
-            raise WireError(_KEY_NAMES[present[0]], f"{kind.name} messages carry no array")
+    if plan.spec is None:
         if len(payload):
             raise WireError("payload", f"{kind.name} messages have an empty payload, got {len(payload)} bytes")
     else:
-        for key in _ARRAY_KEYS:
-            if getattr(h, key) is None:
-                raise WireError(_KEY_NAMES[key], f"missing from a {kind.name} message")
-        shape = h.h
-        if len(shape) != ndim:
-            raise WireError("shape", f"{kind.name} arrays have {ndim} axes, got {shape!r:.80}")
-        shape = check_shape(tuple(shape))
-        if shape[0] > limits.max_batch:
-            raise WireError("shape", f"batch of {shape[0]} exceeds the limit of {limits.max_batch}")
-        if math.prod(shape) > limits.max_message_bytes:
-            raise WireError("shape", f"{shape} holds more elements than a message may have bytes")
-        if shape[0] != len(ids):
-            raise WireError("request_ids", f"{len(ids)} request ids for {shape[0]} array rows")
-        if len(ids) > 1 and len(set(ids)) != len(ids):  # one row per request: a repeat is a forgery
-            raise WireError("request_ids", "the same request id appears on two rows")
-        codec = h.c
-        spec = CODECS.get(codec)
-        if spec is None:
-            raise WireError("codec", f"unknown codec {codec!r:.40}")
-        dtype = h.t
-        check_dtype(spec, dtype)
-        if spec.name == "int8-block":
-            if h.b is None:
-                raise WireError("block_size", "missing for codec int8-block")
-            block = block_size = block_size_for(spec, shape[-1], h.b)
-        elif h.b is not None:
-            raise WireError("block_size", f"codec {codec!r} takes no block size")
-        else:
-            block = block_size_for(spec, shape[-1], 0)
-        array = decode_checked(spec, dtype, shape, block, payload, limits.allow_nonfinite)
+        _check_rows(plan.shape, ids)
+        codec = h.c  # type: ignore[assignment]  # the plan checked it
+        array = decode_checked(plan.spec, h.t, plan.shape, plan.block, payload, limits.allow_nonfinite)  # type: ignore[arg-type]
 
     if h.m is not None:
-        meta = _unpack_meta(kind, h.m, limits, len(ids) if ndim is not None else None)
+        meta = _unpack_meta(kind, h.m, limits, len(ids) if plan.ndim is not None else None)
     else:
         meta = META_DEFAULT[kind]
         if meta is None:
             raise WireError("meta", f"missing from a {kind.name} message")
-    stamps = h.ts or {}
-    return Message(kind, source, ids, array, codec, meta, stamps, reply_to, block_size)
+    return Message(kind, source, ids, array, codec, meta, h.ts or {}, h.r, plan.block_size)
 
 
 def decode(
