@@ -343,3 +343,33 @@ def test_curve_missing_keys_are_reported(tmp_path):
     create_keys(tmp_path / "nokeys", ["aggregator"])
     with pytest.raises(TransportError, match="no key pair for 'edge0'.*devit-mq keys"):
         open_transport(load(data), "edge0")
+
+
+@pytest.mark.timeout(30)
+def test_a_burst_is_drained_in_order_and_no_socket_starves_another(tmp_path):
+    """recv takes up to DRAIN_PER_POLL messages per ready socket per poll: a burst on one socket
+    arrives complete and in order, and a second busy socket gets its turn after at most that many."""
+    from devit_mq.transport.zmq import DRAIN_PER_POLL
+
+    topology = load(topology_dict("tcp", tmp_path))
+    agg, edge, client = (ZmqTransport(topology, n) for n in ("aggregator", "edge0", "client"))
+    n = 3 * DRAIN_PER_POLL
+    try:
+        edge.send("aggregator", [b"hello"])  # the aggregator answers the edge over this connection
+        hello = agg.recv(timeout=5)
+        for i in range(n):
+            client.send("edge0", [b"c%d" % i])  # the edge's inbox
+            agg.reply(hello.peer, [b"a%d" % i])  # the edge's link to the aggregator
+        time.sleep(0.5)  # both bursts are queued at the edge before it reads
+        got = [edge.recv(timeout=5).frames[0] for _ in range(2 * n)]
+        for tag in (b"c", b"a"):
+            assert [g for g in got if g.startswith(tag)] == [tag + b"%d" % i for i in range(n)]
+        run = longest = 0
+        for prev, cur in zip(got, got[1:]):
+            run = run + 1 if cur[:1] == prev[:1] else 0
+            longest = max(longest, run + 1)
+        assert longest <= DRAIN_PER_POLL, got
+        assert edge.recv(timeout=0) is None
+    finally:
+        for t in (client, edge, agg):
+            t.close()

@@ -330,6 +330,50 @@ def test_limits_validate_themselves():
         Limits(max_message_bytes=True)
 
 
+# ---------------------------------------------------------------------------------------------- checks planned once
+
+
+def test_a_header_seen_before_gets_the_same_errors():
+    """Static header checks run once per header (a plan); a bad message must get the same error whether
+    or not a good one with the same header came first, and a cached plan must not let through what
+    differs per message (ids, checksum, payload, meta)."""
+    from devit_mq.wire import message as wire_message
+
+    good = feature_msg()
+    bad = {
+        "request_ids": tamper(good, i=struct.pack("<3Q", 1, 2, 3)),  # 3 ids for 2 rows
+        "checksum": [msgpack.packb({**msgpack.unpackb(encode(good)[0]), "i": struct.pack("<2Q", 10, 99)}),
+                     encode(good)[1]],
+        "payload": [encode(good)[0], encode(good)[1][:-4]],
+        "meta": tamper(good, m=b"\xc1"),
+    }
+    for field, frames in bad.items():
+        wire_message._PLANS.clear()
+        wire_message._NAME_CRCS.clear()
+        cold = assert_wire_error(field, frames)
+        decode(encode(good))  # now the header's plan is cached
+        assert str(assert_wire_error(field, frames)) == str(cold)
+    # a plan is per limits: the same header under a smaller batch limit is refused
+    decode(encode(feature_msg(array=features(4))))
+    assert_wire_error("request_ids", encode(feature_msg(array=features(4))), Limits(max_batch=2))
+
+
+def test_plan_and_name_caches_stay_bounded_under_a_peer_cycling_names():
+    from devit_mq.wire import message as wire_message
+
+    for i in range(3 * wire_message._MAX_CACHED):
+        out = decode(encode(feature_msg(source=f"edge{i}")))
+        assert out.source == f"edge{i}"
+        assert len(wire_message._PLANS) <= wire_message._MAX_CACHED
+        assert len(wire_message._NAME_CRCS) <= wire_message._MAX_CACHED
+
+
+def test_unhashable_names_are_refused_not_crashed_on():
+    with pytest.raises(WireError) as info:
+        encode(Message(Kind.FEATURES, ["edge0"], request_ids=(1,), array=features(1)))  # type: ignore[arg-type]
+    assert info.value.field == "source"
+
+
 # ---------------------------------------------------------------------------------------------- strict decoding
 
 
