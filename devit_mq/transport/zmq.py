@@ -46,6 +46,8 @@ TCP_KEEPALIVE_IDLE_S, TCP_KEEPALIVE_INTVL_S, TCP_KEEPALIVE_CNT = 5, 1, 5  # ~10 
 ZERO_COPY_BYTES = 64 * 1024
 ROUTING_ID_BYTES = 16  # random, so no peer can guess (and take over) another's connection
 DRAIN_PER_POLL = 16  # messages taken from one ready socket per poll (see recv)
+# Flags as plain ints: pyzmq's are enum members, and every `|` or `&` on them is a Python-level call
+_SNDMORE, _NOBLOCK, _POLLIN = int(zmq.SNDMORE), int(zmq.NOBLOCK), int(zmq.POLLIN)
 
 _PATTERN_SOCKET = {"request": zmq.DEALER, "push": zmq.PUSH}
 
@@ -160,7 +162,12 @@ class ZmqTransport(Transport):
         # one), and is safe only for immutable bytes: a bytearray the caller may reuse is copied.
         copy = not all(isinstance(p, bytes) and len(p) >= ZERO_COPY_BYTES for p in parts)
         try:
-            sock.send_multipart(parts, flags, copy=copy)
+            # send_multipart's own type checks repeat check_frames': send the parts directly (a
+            # multipart message is atomic: once its first part is queued, the rest are too)
+            more = flags | _SNDMORE
+            for part in parts[:-1]:
+                sock.send(part, more, copy=copy)
+            sock.send(parts[-1], flags, copy=copy)
         except zmq.Again:
             waited = "its queue is full" if flags else f"not accepted within {self.send_timeout:g} s"
             raise TransportError(f"{self.node} -> {peer}: {waited} (peer not connected, or not reading)") from None
@@ -182,20 +189,20 @@ class ZmqTransport(Transport):
             raise TransportError(f"{self.node}: cannot answer that peer (no connection to answer over)")
         name = peer.key or "client"
         parts = check_frames(self.node, name, frames, self.topology.limits.max_message_bytes)
-        self._send(self._inbox, [peer.route, *parts], name, zmq.DONTWAIT)  # never stall on one reader
+        self._send(self._inbox, [peer.route, *parts], name, _NOBLOCK)  # never stall on one reader
 
     def _take(self, sock: zmq.Socket) -> Inbound | None | bool:
         """One message from ``sock``: an :class:`Inbound`, None for one to ignore, False if empty."""
         inbox = sock is self._inbox
         try:
             if self.curve and inbox:  # frames as zmq.Frame, to read the User-Id the ZAP handler set
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(_NOBLOCK, copy=False)
                 key = frames[-1].get("User-Id") or None
                 if key is None:  # admitted but unnamed: cannot happen with our handler; never trust it
                     return None
                 parts = [f.bytes for f in frames]
             else:
-                parts, key = sock.recv_multipart(zmq.NOBLOCK), None
+                parts, key = sock.recv_multipart(_NOBLOCK), None
         except zmq.Again:
             return False
         if not inbox:
@@ -223,7 +230,7 @@ class ZmqTransport(Transport):
             # Up to DRAIN_PER_POLL messages from every ready socket: one poll (a syscall) serves a
             # burst, and no busy socket can starve the others for more than that many messages.
             for sock in self._recv_socks:
-                if events.get(sock, 0) & zmq.POLLIN:
+                if events.get(sock, 0) & _POLLIN:
                     for _ in range(DRAIN_PER_POLL):
                         inbound = self._take(sock)
                         if inbound is False:
