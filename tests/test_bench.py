@@ -62,8 +62,11 @@ def test_bench_quick_zmq_writes_well_formed_json(topology, tmp_path):
     assert len(cases) == 3 and all(positive(c["ours_msgs_s"]) and positive(c["raw_msgs_s"]) for c in cases.values())
     names = [t["name"] for t in data["targets"]]
     assert any("overhead" in n for n in names) and any("latency speedup" in n for n in names)
+    idle = data["devit"]["zmq"]["idle_cpu_pct"]
+    assert set(idle) == {"aggregator", "edge0", "edge1", "client"} and all(0 <= v < 100 for v in idle.values())
+    assert any(n.startswith("idle node CPU (zmq)") for n in names)
     md = report.bench_markdown(data)
-    assert "DeViT over zmq" in md and "random weights" in md
+    assert "DeViT over zmq" in md and "random weights" in md and "Idle nodes" in md
 
 
 @pytest.mark.mpi
@@ -76,6 +79,8 @@ def test_bench_quick_mpi_phase_runs_under_mpirun(topology, tmp_path):
     check_phase(data["devit"]["mpi"])
     assert data["floor"]["mpi"]["n"] == 20 and positive(data["floor"]["mpi"]["p50_us"])
     assert all(positive(c["ratio"]) for c in data["transport"]["mpi"]["cases"].values())
+    idle = data["devit"]["mpi"]["idle_cpu_pct"]
+    assert set(idle) == {"aggregator", "edge0", "edge1", "client"} and all(0 <= v < 100 for v in idle.values())
 
 
 @pytest.mark.slow
@@ -148,6 +153,12 @@ def test_report_targets_flag_misses_and_json_has_no_nan(tmp_path):
     assert verdicts["batch-1 latency speedup, DeViT zmq vs teacher 2T"] is True
     assert verdicts["framework overhead at batch 1 (zmq), p50 % of e2e"] is None
     assert [n for n in verdicts if n.startswith("transport")] == ["transport zmq: features 768 B, ours/raw msgs/s"]
+    result["devit"]["mpi"] = {"overhead_pct": {}, "idle_cpu_pct": {"aggregator": 0.4, "edge0": 1.3, "client": 9.0}}
+    verdicts = {t["name"]: t["met"] for t in report.bench_targets(result)}
+    assert verdicts["idle node CPU (mpi), the busiest of 2 (edge0), % of a core"] is False  # the client is not a node
+    result["devit"]["mpi"]["idle_cpu_pct"]["edge0"] = 0.9
+    verdicts = {t["name"]: t["met"] for t in report.bench_targets(result)}
+    assert verdicts["idle node CPU (mpi), the busiest of 2 (edge0), % of a core"] is True
     text = report.write_json(tmp_path / "r.json", result).read_text()
     assert "NaN" not in text and json.loads(text)["devit"]["zmq"]["overhead_pct"]["p50"] is None
     assert yaml.safe_load(text)  # plain JSON, readable by any tool

@@ -15,6 +15,7 @@ LATENCY_SPEEDUP_2T = 1.8
 MAX_OVERHEAD_PCT = 3.0
 MAX_OVERHEAD_VS_FLOOR = {"zmq": 2.0, "mpi": 2.5}  # overhead / the raw fan-out-fan-in floor, p50
 MIN_TRANSPORT_RATIO = 0.7
+MAX_IDLE_CPU_PCT = 1.0  # an idle node's CPU, % of one core
 MIN_STRESS_RATIO = 0.9
 MAX_RSS_GROWTH_PCT = 5.0
 # past capacity (the largest multiple of a capacity sweep, e.g. 2x): served / capacity, and the
@@ -83,6 +84,12 @@ def bench_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             if ratio is not None and goal is not None:
                 out.append(_target(f"framework overhead at batch 1 ({transport}) / raw {transport} {which}, p50",
                                    f"<= {goal}x", ratio, _check(ratio, lambda v, g=goal: v <= g)))
+    for transport, phase in result.get("devit", {}).items():
+        idle = {n: v for n, v in phase.get("idle_cpu_pct", {}).items() if n != "client"}
+        if idle:
+            worst = max(idle, key=idle.get)
+            out.append(_target(f"idle node CPU ({transport}), the busiest of {len(idle)} ({worst}), % of a core",
+                               f"<= {MAX_IDLE_CPU_PCT}%", idle[worst], idle[worst] <= MAX_IDLE_CPU_PCT))
     for transport, rates in result.get("transport", {}).items():
         for case, entry in rates["cases"].items():
             if case.startswith("features"):
@@ -184,6 +191,13 @@ def bench_markdown(result: dict[str, Any]) -> str:
                          fmt(u.get("peak_rss_mb"), 0)])
     out += ["### Per-node resources (CPU seconds over the process's life and during the best-batch run; peak RSS)",
             "", table(["transport", "node", "CPU s (process life)", "CPU s (best-batch run)", "peak RSS MB"], rows), ""]
+    rows = [[transport, node, fmt(pct, 2)] for transport, phase in result["devit"].items()
+            for node, pct in phase.get("idle_cpu_pct", {}).items()]
+    if rows:
+        seconds = result.get("plan", {}).get("idle_s")
+        out += [f"### Idle nodes: CPU with no requests{f' for {seconds:g} s' if seconds else ''}, % of one core "
+                "(each node's own cpu_s / uptime_s; the client only sleeps)", "",
+                table(["transport", "node", "% of a core"], rows), ""]
     if result.get("edges_sweep"):
         rows = [[r["edges"], r["width"], fmt(r["latency_ms"].get("p50")), fmt(r["latency_ms"].get("p99")),
                  fmt(r["edge_compute_ms"].get("p50")), fmt(r["overhead_ms"].get("p50"), 2), r["best_batch"],

@@ -66,6 +66,7 @@ class BenchPlan:
     rate_features: int = 20000
     rate_images: int = 2000
     rate_repeats: int = 3
+    idle_s: float = 15.0  # how long the nodes' idle CPU is measured, after the workload
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,7 +79,7 @@ class BenchPlan:
 
 QUICK = BenchPlan(latency_requests=6, rounds=2, floor_requests=20, batch_sizes=(1, 4), throughput_images=8,
                   teacher_batch_sizes=(1, 4), teacher_throughput_images=4, rate_features=2000, rate_images=200,
-                  rate_repeats=1)
+                  rate_repeats=1, idle_s=2.0)
 
 
 def bench_images(n: int, image_shape: Sequence[int], seed: int) -> np.ndarray:
@@ -177,6 +178,28 @@ def _node_cpu(status: dict) -> dict[str, float]:
     return {name: float(m.get("cpu_s", 0.0)) for name, m in status.get("nodes", {}).items()}
 
 
+def idle_cpu(client, seconds: float) -> dict[str, float]:
+    """Each node's CPU while nothing is asked of it, in % of one core over ``seconds``: from its own
+    telemetry (``cpu_s`` over ``uptime_s``, so a heartbeat's age does not matter), once every node has
+    been without request traffic long enough to tell its transport it is idle. ``client`` is this
+    process (it only sleeps). The two status queries are the only traffic besides heartbeats."""
+    from devit_mq.nodes.base import HEARTBEAT_INTERVAL_S, IDLE_AFTER_S
+
+    time.sleep(IDLE_AFTER_S + 2 * HEARTBEAT_INTERVAL_S)
+    before = client.query_status().get("nodes", {})
+    usage, start = process_usage(), time.monotonic()
+    time.sleep(seconds)
+    after = client.query_status().get("nodes", {})
+    out = {}
+    for name, m in after.items():
+        b = before.get(name)
+        span = m.get("uptime_s", 0.0) - b.get("uptime_s", 0.0) if b else 0.0
+        if span > 0:
+            out[name] = 100 * (m.get("cpu_s", 0.0) - b.get("cpu_s", 0.0)) / span
+    out["client"] = 100 * (process_usage()["cpu_s"] - usage["cpu_s"]) / (time.monotonic() - start)
+    return out
+
+
 def _devit_throughput(client, images: np.ndarray, batch: int, window: int) -> dict[str, Any]:
     before = _node_cpu(_settled_status(client))
     usage, energy = process_usage(), rapl_energy_uj()
@@ -252,6 +275,9 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
                 f"best {best:.1f} img/s")
         result["teacher_params_mb"] = teacher.params_mb
         result["teacher_attention"] = {str(t): b for t, b in teacher.backends.items()}
+    if plan.idle_s > 0:  # last: nothing else runs in this process meanwhile
+        log(f"  idle CPU: {plan.idle_s:g} s without requests")
+        result["idle_cpu_pct"] = idle_cpu(client, plan.idle_s)
     return result
 
 
