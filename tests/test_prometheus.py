@@ -54,6 +54,20 @@ def test_metrics_histograms_are_cumulative_past_the_ring_buffer():
     assert m.histograms["batch_size"].counts[3] == 10  # counts get count buckets: 8 is in le=8
 
 
+
+def test_telemetry_percentiles_follow_new_samples_and_are_reused_when_none_came():
+    m = Metrics("edge0", max_samples=4)
+    for v in (0.001, 0.002, 0.003):
+        m.observe("compute", v)
+    first = m.telemetry().stages_ms["compute"]
+    assert first.n == 3 and first.p50 == pytest.approx(2.0)
+    assert m.telemetry().stages_ms["compute"] is first  # nothing new: not recomputed
+    for _ in range(4):  # the ring buffer now holds only these (same length, new values)
+        m.observe("compute", 0.010)
+    again = m.telemetry().stages_ms["compute"]
+    assert again.n == 4 and again.p50 == pytest.approx(10.0)
+
+
 class _FakeNode:
     role = "aggregator"
     name = "aggregator"

@@ -46,11 +46,12 @@ def test_frames_cross_ranks_and_an_idle_rank_does_not_spin(tmp_path):
         print(f"aggregator idle in recv ({label} polling): {cpu:.3f} s CPU over {wall:.2f} s "
               f"({100 * cpu / wall:.1f}% of a core)")
         assert cpu < 0.5 * wall  # a blocking MPI receive would burn ~100%
-    probes = dict(re.findall(r"PROBES (busy|idle) (\d+) over", out.stdout))
-    assert set(probes) == {"busy", "idle"}, out.stdout
+    probes = dict(re.findall(r"PROBES (busy|idle|long-idle) (\d+) over", out.stdout))
+    assert set(probes) == {"busy", "idle", "long-idle"}, out.stdout
     # 0.5 s idle-hinted: one probe per 10 ms nap at most (+ the first); busy: the 100 us spin alone
-    # makes more than that
+    # makes more than that; idle past long_idle_after: one per 50 ms nap
     assert int(probes["idle"]) <= 0.5 / 10e-3 + 2 < int(probes["busy"]), probes
+    assert int(probes["long-idle"]) <= 0.5 / 50e-3 + 2 < 0.5 / 10e-3 / 2, probes
 
 
 @pytest.mark.mpi

@@ -181,11 +181,13 @@ def _node_cpu(status: dict) -> dict[str, float]:
 def idle_cpu(client, seconds: float) -> dict[str, float]:
     """Each node's CPU while nothing is asked of it, in % of one core over ``seconds``: from its own
     telemetry (``cpu_s`` over ``uptime_s``, so a heartbeat's age does not matter), once every node has
-    been without request traffic long enough to tell its transport it is idle. ``client`` is this
+    been without request traffic long enough to tell its transport it is idle and for a polling
+    transport to reach its longest naps (the steady state of an idle node). ``client`` is this
     process (it only sleeps). The two status queries are the only traffic besides heartbeats."""
     from devit_mq.nodes.base import HEARTBEAT_INTERVAL_S, IDLE_AFTER_S
+    from devit_mq.transport.mpi import LONG_IDLE_AFTER_S
 
-    time.sleep(IDLE_AFTER_S + 2 * HEARTBEAT_INTERVAL_S)
+    time.sleep(IDLE_AFTER_S + LONG_IDLE_AFTER_S + 2 * HEARTBEAT_INTERVAL_S)
     before = client.query_status().get("nodes", {})
     usage, start = process_usage(), time.monotonic()
     time.sleep(seconds)
@@ -547,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundles cache, derived topologies and node logs")
     p.add_argument("--json", type=Path, default=None, help="write the result here (default WORK_DIR/bench.json)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib: pip install '.[plot]')")
+    p.add_argument("--idle-s", type=float, default=None, metavar="SECONDS",
+                   help="how long each phase measures its idle nodes' CPU after the workload (default 15, "
+                        "2 with --quick; 0 skips it)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -559,6 +564,11 @@ def main(argv: list[str]) -> int:
         print(f"devit-mq bench: error: --transports takes zmq and/or mpi, got {args.transports!r}", file=sys.stderr)
         return 2
     plan = dataclasses.replace(QUICK if args.quick else BenchPlan(), seed=args.seed)
+    if args.idle_s is not None:
+        if not args.idle_s >= 0:
+            print(f"devit-mq bench: error: --idle-s takes seconds >= 0, got {args.idle_s:g}", file=sys.stderr)
+            return 2
+        plan = dataclasses.replace(plan, idle_s=args.idle_s)
     try:
         sweep = [int(n) for n in args.edges_sweep.split(",") if n.strip()]
     except ValueError:

@@ -14,7 +14,12 @@ without traffic. A busy rank reacts within ~0.2 ms. Each wake-up costs ~20 us of
 syscall), and measured here an idle rank woken every 1 ms used 3-4% of a core (every 5 ms: 1.2-1.3%,
 so a wake-up costs ~60 us on this VM). Once its node says it is idle (:meth:`set_idle`: nothing in
 flight, no request traffic for a second) the rank naps ``deep_poll_interval`` (10 ms) without
-spinning; the first message after such a pause waits at most that long (5 ms on average).
+spinning; the first message after such a pause waits at most that long (5 ms on average). After
+``long_idle_after`` (10 s) of that it naps ``long_idle_poll_interval`` (50 ms): on this VM every
+wake-up of a sleeping Python process is charged 80-140 us of CPU whatever it does (a bare
+``time.sleep`` loop: 1.0% of a core at 10 ms naps, 0.6% at 20 ms), so only fewer wake-ups bring an
+idle rank under 1% of a core. The price: a request after more than ~11 s of silence may wait up to
+50 ms at each idle rank it passes (25 ms on average).
 The thread's timer slack is cut to 1 us (Linux), or every nap would overshoot by the default 50 us.
 
 Each ``Isend``'s buffer is kept until its request completes (pending requests are tested on every
@@ -44,6 +49,7 @@ TAG = 0x6D71  # one tag for all devit_mq traffic, so other users of the communic
 _MAGIC = b"DM"
 _VERSION = 1
 _HEAD = struct.Struct("<2sBxI")
+LONG_IDLE_AFTER_S = 10.0  # idle (set_idle) this long: the longest naps
 _LEN = struct.Struct("<Q")
 
 
@@ -96,7 +102,8 @@ class MpiTransport(Transport):
 
     def __init__(self, topology: Topology, node: str, *, comm: Any = None, send_timeout: float = 5.0,
                  poll_interval: float = 200e-6, idle_poll_interval: float = 1e-3, idle_after: float = 0.05,
-                 first_nap: float = 20e-6, spin: float = 100e-6, deep_poll_interval: float = 10e-3) -> None:
+                 first_nap: float = 20e-6, spin: float = 100e-6, deep_poll_interval: float = 10e-3,
+                 long_idle_after: float = LONG_IDLE_AFTER_S, long_idle_poll_interval: float = 50e-3) -> None:
         from mpi4py import MPI  # importing mpi4py.MPI initialises MPI: only when this transport is used
 
         self._MPI = MPI
@@ -114,7 +121,10 @@ class MpiTransport(Transport):
         # stays small (100 us per call).
         self.spin = spin
         self.deep_poll_interval = deep_poll_interval
+        self.long_idle_after = long_idle_after
+        self.long_idle_poll_interval = long_idle_poll_interval
         self._idle = False  # the node's hint (set_idle): nap deep_poll_interval, no spin
+        self._idle_since = 0.0  # monotonic time of the hint
         reduce_timer_slack()
         self.dropped = 0  # malformed or oversized messages received and discarded
         try:
@@ -210,7 +220,13 @@ class MpiTransport(Transport):
         return Inbound(frames, peer)
 
     def set_idle(self, idle: bool) -> None:
+        if idle and not self._idle:
+            self._idle_since = time.monotonic()
         self._idle = idle
+
+    def _idle_nap(self, now: float) -> float:
+        long = now - self._idle_since >= self.long_idle_after
+        return self.long_idle_poll_interval if long else self.deep_poll_interval
 
     def recv(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:
@@ -219,7 +235,7 @@ class MpiTransport(Transport):
         deadline = None if timeout is None else start + max(0.0, timeout)
         last_traffic = start
         idle = self._idle
-        nap = self.deep_poll_interval if idle else self.first_nap
+        nap = self._idle_nap(start) if idle else self.first_nap
         while True:
             if self.comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=TAG, status=self._status):
                 message = self._take()
@@ -234,7 +250,7 @@ class MpiTransport(Transport):
             if deadline is not None and now >= deadline:
                 return None
             if idle:
-                pass  # deep naps from the first one
+                nap = self._idle_nap(now)  # deep naps from the first one
             elif now - start < self.spin:
                 continue
             elif now - last_traffic >= self.idle_after:

@@ -99,6 +99,15 @@ def exchange(topology):
             wall0 = time.monotonic()
             expect(t.recv(timeout=0.5) is None, "idle recv got a message")
             say(f"PROBES {label} {probes['n']} over {time.monotonic() - wall0:.2f} s")
+        # idle for longer than long_idle_after (shortened here): the longest naps
+        t.set_idle(False)
+        t.long_idle_after = 0.2
+        t.set_idle(True)
+        time.sleep(0.25)
+        probes["n"] = 0
+        wall0 = time.monotonic()
+        expect(t.recv(timeout=0.5) is None, "idle recv got a message")
+        say(f"PROBES long-idle {probes['n']} over {time.monotonic() - wall0:.2f} s")
         t.set_idle(False)
         t.comm = comm
     expect(t.flush(timeout=30), f"{name} could not flush")
