@@ -67,6 +67,7 @@ class BenchPlan:
     rate_images: int = 2000
     rate_repeats: int = 3
     idle_s: float = 15.0  # how long the nodes' idle CPU is measured, after the workload
+    idle_steady: bool = True  # first wait for a polling transport's longest naps (see idle_cpu)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +80,7 @@ class BenchPlan:
 
 QUICK = BenchPlan(latency_requests=6, rounds=2, floor_requests=20, batch_sizes=(1, 4), throughput_images=8,
                   teacher_batch_sizes=(1, 4), teacher_throughput_images=4, rate_features=2000, rate_images=200,
-                  rate_repeats=1, idle_s=2.0)
+                  rate_repeats=1, idle_s=2.0, idle_steady=False)
 
 
 def bench_images(n: int, image_shape: Sequence[int], seed: int) -> np.ndarray:
@@ -178,16 +179,16 @@ def _node_cpu(status: dict) -> dict[str, float]:
     return {name: float(m.get("cpu_s", 0.0)) for name, m in status.get("nodes", {}).items()}
 
 
-def idle_cpu(client, seconds: float) -> dict[str, float]:
+def idle_cpu(client, seconds: float, steady: bool = True) -> dict[str, float]:
     """Each node's CPU while nothing is asked of it, in % of one core over ``seconds``: from its own
     telemetry (``cpu_s`` over ``uptime_s``, so a heartbeat's age does not matter), once every node has
-    been without request traffic long enough to tell its transport it is idle and for a polling
-    transport to reach its longest naps (the steady state of an idle node). ``client`` is this
+    been without request traffic long enough to tell its transport it is idle and (``steady``) for a
+    polling transport to reach its longest naps (the steady state of an idle node). ``client`` is this
     process (it only sleeps). The two status queries are the only traffic besides heartbeats."""
     from devit_mq.nodes.base import HEARTBEAT_INTERVAL_S, IDLE_AFTER_S
     from devit_mq.transport.mpi import LONG_IDLE_AFTER_S
 
-    time.sleep(IDLE_AFTER_S + LONG_IDLE_AFTER_S + 2 * HEARTBEAT_INTERVAL_S)
+    time.sleep(IDLE_AFTER_S + (LONG_IDLE_AFTER_S if steady else 0.0) + 2 * HEARTBEAT_INTERVAL_S)
     before = client.query_status().get("nodes", {})
     usage, start = process_usage(), time.monotonic()
     time.sleep(seconds)
@@ -279,7 +280,7 @@ def _client_workload(client, teacher: TeacherRunner | None, image_shape: Sequenc
         result["teacher_attention"] = {str(t): b for t, b in teacher.backends.items()}
     if plan.idle_s > 0:  # last: nothing else runs in this process meanwhile
         log(f"  idle CPU: {plan.idle_s:g} s without requests")
-        result["idle_cpu_pct"] = idle_cpu(client, plan.idle_s)
+        result["idle_cpu_pct"] = idle_cpu(client, plan.idle_s, plan.idle_steady)
     return result
 
 
