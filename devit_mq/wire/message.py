@@ -326,8 +326,9 @@ class _Plan(NamedTuple):
     block_size: int  # what the decoded Message reports
 
 
-#: Plans by (header's static fields, the limits they are checked against). Bounded: a peer that cycles through headers only clears
-#: it (the checks then run every time, as they would without it), it cannot grow memory.
+#: Plans by (header's static fields, the limits they are checked against). Only headers that passed
+#: are stored (so names are short), and at most _MAX_CACHED: a peer that cycles through headers only
+#: clears it (the checks then run every time, as they would without it), it cannot grow memory.
 _PLANS: dict[tuple, _Plan] = {}
 
 
