@@ -138,7 +138,6 @@ class Metrics:
         self._samples: dict[str, list[float]] = {}
         self.histograms: dict[str, Histogram] = {}  # per stage, the same samples, binned since start
         self._cursor: dict[str, int] = defaultdict(int)
-        self._observed: dict[str, int] = defaultdict(int)  # samples ever taken, per stage
         # each stage's percentiles and the sample count they describe: a heartbeat recomputes only
         # the stages that changed (an idle node none; a percentile over 20,000 samples is ~1 ms)
         self._percentiles: dict[str, tuple[int, Percentiles]] = {}
@@ -161,7 +160,6 @@ class Metrics:
             buf = self._samples[stage] = []
             self.histograms[stage] = Histogram(BATCH_BUCKETS if stage in COUNT_STAGES else LATENCY_BUCKETS_S)
         self.histograms[stage].add(seconds)
-        self._observed[stage] += 1
         if len(buf) < self.max_samples:
             buf.append(seconds)
         else:  # ring buffer: overwrite the oldest sample
@@ -190,10 +188,11 @@ class Metrics:
         self._peak_rss_mb = max(self._peak_rss_mb, usage["rss_mb"])
         stages = {}
         for k, samples in self._samples.items():
+            observed = len(samples) + self._cursor[k]  # samples ever taken (the ring's overwrites too)
             cached = self._percentiles.get(k)
-            if cached is None or cached[0] != self._observed[k]:
+            if cached is None or cached[0] != observed:
                 p = percentiles(samples)
-                cached = self._percentiles[k] = (self._observed[k], Percentiles(
+                cached = self._percentiles[k] = (observed, Percentiles(
                     n=p["n"], **{q: p[q] * 1e3 for q in ("p50", "p90", "p99", "mean") if q in p}))
             stages[k] = cached[1]
         return Telemetry(node=self.node, pid=os.getpid(), version=__version__, info=self._info(), uptime_s=time.time() - self.started,

@@ -319,8 +319,7 @@ class _Plan(NamedTuple):
 
     kind: Kind
     names_crc: int  # CRC-32 of source and reply_to, to which the request ids are added
-    ndim: int | None
-    spec: Codec | None
+    spec: Codec | None  # None for the kinds without an array
     shape: tuple[int, ...]
     block: int  # the block the payload uses (0 unless the codec is scaled)
     block_size: int  # what the decoded Message reports
@@ -379,7 +378,7 @@ def _check_static(h: _Header, shape: tuple | None, limits: Limits) -> _Plan:
         present = [key for key in (*_ARRAY_KEYS, "b") if getattr(h, key) is not None]
         if present:
             raise WireError(_KEY_NAMES[present[0]], f"{kind.name} messages carry no array")
-        return _Plan(kind, names_crc, None, None, (), 0, DEFAULT_BLOCK_SIZE)
+        return _Plan(kind, names_crc, None, (), 0, DEFAULT_BLOCK_SIZE)
     for key in _ARRAY_KEYS:
         if getattr(h, key) is None:
             raise WireError(_KEY_NAMES[key], f"missing from a {kind.name} message")
@@ -405,7 +404,7 @@ def _check_static(h: _Header, shape: tuple | None, limits: Limits) -> _Plan:
         raise WireError("block_size", f"codec {h.c!r} takes no block size")
     else:
         block = block_size_for(spec, shape[-1], 0)
-    return _Plan(kind, names_crc, ndim, spec, shape, block, block_size)
+    return _Plan(kind, names_crc, spec, shape, block, block_size)
 
 
 def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, expect_source: str | None) -> Message:
@@ -439,7 +438,7 @@ def _decode(head: Any, payload: Any, limits: Limits, expect_kind: Kind | None, e
         array = decode_checked(plan.spec, h.t, plan.shape, plan.block, payload, limits.allow_nonfinite)  # type: ignore[arg-type]
 
     if h.m is not None:
-        meta = _unpack_meta(kind, h.m, limits, len(ids) if plan.ndim is not None else None)
+        meta = _unpack_meta(kind, h.m, limits, len(ids) if plan.spec is not None else None)
     else:
         meta = META_DEFAULT[kind]
         if meta is None:
