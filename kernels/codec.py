@@ -38,12 +38,12 @@ __all__ = [
     "f16_to_f32_ref",
     "f32_to_bf16_ref",
     "bf16_to_f32_ref",
-    "all_finite_ref",
+    "finite_bits_ref",
     "f32_to_f16_numba",
     "f16_to_f32_numba",
     "f32_to_bf16_numba",
     "bf16_to_f32_numba",
-    "all_finite_numba",
+    "finite_bits_numba",
 ]
 
 _QMAX = np.float32(127.0)
@@ -131,9 +131,12 @@ def bf16_to_f32_ref(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def all_finite_ref(x: np.ndarray) -> bool:
-    """Reference: no NaN and no infinity in a float32 array."""
-    return bool(np.isfinite(x).all())
+def finite_bits_ref(bits: np.ndarray, exponent_mask: int) -> bool:
+    """Reference: no element of ``bits`` (IEEE bit patterns as unsigned ints) has every exponent bit
+    set, i.e. no NaN and no infinity. Masks: float32 ``0x7F800000`` (uint32), float16 ``0x7C00`` and
+    bfloat16 ``0x7F80`` (uint16). Checking the bits lets a receiver vet a payload before decoding it."""
+    mask = bits.dtype.type(exponent_mask)
+    return bool(((bits & mask) != mask).all())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,20 +259,20 @@ def _kernels() -> dict[str, Callable[..., Any]]:
             out_bits[i] = u32(h[i]) << u32(16)
 
     @njit(cache=True, nogil=True, error_model="numpy")
-    def all_finite(bits):  # pragma: no cover - runs compiled
+    def finite_bits(bits, mask):  # pragma: no cover - runs compiled
         # exponent all ones <=> NaN or inf; an integer max over the exponents vectorises
-        m = u32(0)
+        m = mask ^ mask  # zero of the bits' own type
         for i in range(bits.shape[0]):
-            e = bits[i] & u32(0x7F800000)
+            e = bits[i] & mask
             if e > m:
                 m = e
-        return m != u32(0x7F800000)
+        return m != mask
 
     _jitted["f32_to_f16"] = f32_to_f16
     _jitted["f16_to_f32"] = f16_to_f32
     _jitted["f32_to_bf16"] = f32_to_bf16
     _jitted["bf16_to_f32"] = bf16_to_f32
-    _jitted["all_finite"] = all_finite
+    _jitted["finite_bits"] = finite_bits
     _jitted["quantize"] = quantize
     _jitted["dequantize"] = dequantize
     return _jitted
@@ -335,6 +338,6 @@ def bf16_to_f32_numba(bits: np.ndarray) -> np.ndarray:
     return out.reshape(bits.shape)
 
 
-def all_finite_numba(x: np.ndarray) -> bool:
-    """Numba version of :func:`all_finite_ref`."""
-    return bool(_kernels()["all_finite"](_flat(x, np.float32).view(np.uint32)))
+def finite_bits_numba(bits: np.ndarray, exponent_mask: int) -> bool:
+    """Numba version of :func:`finite_bits_ref` (``bits`` 1-D uint16 or uint32)."""
+    return bool(_kernels()["finite_bits"](bits, bits.dtype.type(exponent_mask)))

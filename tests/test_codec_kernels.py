@@ -168,24 +168,42 @@ def test_half_precision_kernels_match_references_on_any_values(x):
     assert K.f32_to_f16_numba(x).shape == x.shape
 
 
+F32_MASK, F16_MASK, BF16_MASK = 0x7F800000, 0x7C00, 0x7F80
+
+
 @settings(max_examples=40, deadline=None)
 @given(x=float32_arrays)
-def test_all_finite_matches_reference(x):
-    assert K.all_finite_numba(x) == K.all_finite_ref(x) == bool(np.isfinite(x).all())
+def test_finite_bits_matches_numpy_for_float32_float16_and_bfloat16(x):
+    flat = x.reshape(-1)
+    bits32 = flat.view(np.uint32)
+    want = bool(np.isfinite(flat).all())
+    assert K.finite_bits_numba(bits32, F32_MASK) == K.finite_bits_ref(bits32, F32_MASK) == want
+    half = K.f32_to_f16_ref(flat)  # beyond +-65504 a finite float32 becomes inf: numpy must agree
+    want16 = bool(np.isfinite(half.view(np.float16)).all())
+    assert K.finite_bits_numba(half, F16_MASK) == K.finite_bits_ref(half, F16_MASK) == want16
+    bf = K.f32_to_bf16_ref(flat)
+    want_bf = bool(np.isfinite(K.bf16_to_f32_ref(bf)).all())
+    assert K.finite_bits_numba(bf, BF16_MASK) == K.finite_bits_ref(bf, BF16_MASK) == want_bf
 
 
-def test_all_finite_finds_one_bad_value_anywhere():
+def test_finite_bits_finds_one_bad_value_anywhere():
     x = np.ones(1000, np.float32)
-    assert K.all_finite_numba(x)
+    assert K.finite_bits_numba(x.view(np.uint32), F32_MASK)
     for pos in (0, 517, 999):
         for bad in (np.nan, np.inf, -np.inf):
             y = x.copy()
             y[pos] = bad
-            assert not K.all_finite_numba(y)
+            assert not K.finite_bits_numba(y.view(np.uint32), F32_MASK)
+            assert not K.finite_bits_numba(y.astype(np.float16).view(np.uint16), F16_MASK)
+            assert not K.finite_bits_numba(K.f32_to_bf16_ref(y), BF16_MASK)
+    # the largest finite values and the smallest subnormals are finite
+    edge = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max, 1e-45, -0.0], np.float32)
+    assert K.finite_bits_numba(edge.view(np.uint32), F32_MASK)
+    assert K.finite_bits_numba(np.array([65504, -65504, 1e-7], np.float16).view(np.uint16), F16_MASK)
 
 
 def test_kernels_package_does_not_import_devit_mq_modules():
-    code = ("import sys, devit_mq.kernels.codec as c, numpy as np; c.all_finite_numba(np.ones(2, np.float32));"
+    code = ("import sys, devit_mq.kernels.codec as c, numpy as np; c.finite_bits_numba(np.ones(2, np.uint32), 0x7F800000);"
             "print(sorted(m for m in sys.modules if m.startswith('devit_mq')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['devit_mq', 'devit_mq.kernels', 'devit_mq.kernels.codec']"

@@ -458,6 +458,22 @@ def test_non_finite_values():
     assert not np.isfinite(out.array[1, 0]).all()
 
 
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_non_finite_raw_floats_are_refused_on_their_bits(dtype):
+    """raw float payloads are vetted before an array is built; ints carry no NaN to refuse"""
+    x = np.linspace(-3, 3, 24, dtype=dtype).reshape(1, 2, 3, 4)
+    assert np.array_equal(decode_array(encode_array(x, "raw")), x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[0, 1, 2, 3] = bad
+        with pytest.raises(WireError) as err:
+            decode_array(encode_array(y, "raw"))
+        assert err.value.field == "payload"
+        assert np.isnan(decode_array(encode_array(y, "raw"), allow_nonfinite=True)[0, 1, 2, 3]) == np.isnan(bad)
+    ints = np.full((1, 2, 2, 1), 0x7F80, np.uint16)  # a bfloat16 NaN's bits, as plain integers: fine
+    assert np.array_equal(decode_array(encode_array(ints, "raw")), ints)
+
 def test_int8_scales():
     head, body = encode(feature_msg("int8"))
     scales = np.frombuffer(body, np.float32, count=4).copy()

@@ -43,7 +43,8 @@ of 5-7 repeats, numpy vs Numba: int8 quantise 10-90 us vs 1.4-10 us (per vector)
 1.5-55 us (blocks of 32); int8 dequantise 1.4-16 us vs 1.0-2.7 us; float32->float16 5.4 us vs 0.6 us
 at 192 values and 85 us vs 11 us at 49,152; float16->float32 0.7 vs 0.3 us and 61 vs 9 us; the NaN/Inf
 check 1.0 vs 0.4 us and 4.2 vs 1.7 us. Numba wins at every size, so it is always used when
-installed. The kernels compile on first use (about 1 s, then cached on disk; importing Numba costs
+installed. The NaN/Inf check reads the payload's bits (exponent all ones) before the array is
+built, for fp32, fp16 and bf16 alike: one kernel call, and nothing decoded for a refused message. The kernels compile on first use (about 1 s, then cached on disk; importing Numba costs
 0.3 s): call :func:`warmup` at node start to keep that off the first message.
 """
 
@@ -114,7 +115,7 @@ _NUMPY_OPS: dict[str, Callable[..., Any]] = {
     "f16_to_f32": _k.f16_to_f32_ref,
     "f32_to_bf16": _k.f32_to_bf16_ref,
     "bf16_to_f32": _k.bf16_to_f32_ref,
-    "all_finite": _k.all_finite_ref,
+    "finite_bits": _k.finite_bits_ref,
 }
 _NUMBA_OPS: dict[str, Callable[..., Any]] = {
     "quantize": _k.quantize_int8_numba,
@@ -123,7 +124,7 @@ _NUMBA_OPS: dict[str, Callable[..., Any]] = {
     "f16_to_f32": _k.f16_to_f32_numba,
     "f32_to_bf16": _k.f32_to_bf16_numba,
     "bf16_to_f32": _k.bf16_to_f32_numba,
-    "all_finite": _k.all_finite_numba,
+    "finite_bits": _k.finite_bits_numba,
 }
 _HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 _ops = _NUMBA_OPS if _HAVE_NUMBA else _NUMPY_OPS
@@ -146,7 +147,8 @@ def warmup() -> None:
     _ops["dequantize"](q, scales, 2)
     _ops["f16_to_f32"](_ops["f32_to_f16"](x))
     _ops["bf16_to_f32"](_ops["f32_to_bf16"](x))
-    _ops["all_finite"](x)
+    for bits, mask in _FLOAT_BITS.values():
+        _ops["finite_bits"](np.zeros(2, bits), mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,10 +381,23 @@ def check_dtype(spec: Codec, dtype: object) -> None:
         raise WireError("dtype", f"codec {spec.name!r} carries {spec.wire_dtype}, header says {dtype!r:.40}")
 
 
-def _all_finite(array: np.ndarray) -> bool:
-    if array.dtype is _F32:
-        return _ops["all_finite"](array)
-    return bool(np.isfinite(array).all())
+#: Payload element type -> (its bits as unsigned ints, the exponent mask that marks NaN and inf).
+#: A float payload is vetted on its bits before it is decoded: one pass over the frame, no array built
+#: for a message that is then refused.
+_FLOAT_BITS: Mapping[str, tuple[np.dtype, Any]] = MappingProxyType({
+    "float32": (np.dtype("<u4"), np.uint32(0x7F800000)),
+    "float16": (np.dtype("<u2"), np.uint16(0x7C00)),
+    "bfloat16": (np.dtype("<u2"), np.uint16(0x7F80)),
+})
+_FLOATS = frozenset((*_FLOAT_BITS, "float64"))  # payload types that can hold NaN or inf
+
+
+def _finite_payload(payload: Any, dtype: str) -> bool:
+    """No NaN or inf among a float payload's elements (float64 raw arrays: checked by NumPy)."""
+    bits = _FLOAT_BITS.get(dtype)
+    if bits is None:
+        return bool(np.isfinite(np.frombuffer(payload, RAW_DTYPES[dtype])).all())
+    return _ops["finite_bits"](np.frombuffer(payload, bits[0]), bits[1])
 
 
 def decode_array(encoded: EncodedArray, *, allow_nonfinite: bool = False) -> np.ndarray:
@@ -409,10 +424,10 @@ def decode_checked(spec: Codec, dtype: str, shape: tuple[int, ...], block: int, 
         raise WireError("payload", f"{len(payload)} bytes, but {spec.name} {dtype} {shape} needs {expected}")
     if spec.scaled:  # int8 output is finite exactly when its scales are: check those instead
         _check_scales(payload, expected - math.prod(shape), allow_nonfinite)
-    array = spec.decode(payload, shape, block, dtype)
-    if not allow_nonfinite and not spec.scaled and array.dtype.kind == "f" and not _all_finite(array):
+    elif not allow_nonfinite and dtype in _FLOATS and not _finite_payload(payload, dtype):
+        # fp16 and bf16 widen to float32 exactly, so a finite payload decodes to finite values
         raise WireError("payload", f"{spec.name} array holds NaN or Inf")
-    return array
+    return spec.decode(payload, shape, block, dtype)
 
 
 #: Largest int8 scale a receiver accepts: 127 * scale stays below float32's max, so finite scales
