@@ -4,6 +4,7 @@ normal, by signal, and by ``--cleanup`` after its owner was killed -- must leave
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -52,6 +53,54 @@ def test_shipped_link_profiles_load():
     assert links.device.cpu is not None and links.client.cpu is None
     assert links.device_of("edge0") == links.device and links.device_of("client") == links.client
 
+
+
+def test_rounds_split_every_request_and_alternate_the_order():
+    from devit_mq.testbed.runner import RunPlan, round_orders
+
+    plan = RunPlan(latency_requests=7, throughput_images=5, rounds=3)
+    rounds = plan.per_round()
+    assert [r.latency_requests for r in rounds] == [3, 2, 2]
+    assert [r.throughput_images for r in rounds] == [2, 2, 1]
+    assert all(r.rounds == 1 and r.window == plan.window for r in rounds)
+    assert RunPlan(latency_requests=4, throughput_images=4, rounds=1).per_round()[0].latency_requests == 4
+    assert round_orders(["devit", "pipeline", "monolith"], 3) == [
+        ["devit", "pipeline", "monolith"], ["monolith", "pipeline", "devit"], ["devit", "pipeline", "monolith"]]
+    for bad in (0, 6):  # at least one latency request and one throughput image per round
+        with pytest.raises(ValueError, match="rounds must be in"):
+            RunPlan(latency_requests=7, throughput_images=5, rounds=bad)
+
+
+def test_merged_rounds_add_up_and_keep_each_rounds_p50(tmp_path):
+    from devit_mq.testbed.runner import RunPlan, measured_images, merge_rounds
+
+    def report(lat, thr, per_s, tx, probs):
+        return {"latencies_ms": lat, "probabilities": probs, "images_per_s": per_s, "throughput_images": thr,
+                "window": 4, "images_measured": len(lat) + thr, "warmup_s": 1.0, "measured_s": 2.0,
+                "link_bytes": {"client": {"tx": tx, "rx": 10}}, "background_bytes": {"client": {"tx": 1, "rx": 1}}}
+
+    merged = merge_rounds([report([10.0, 30.0, 20.0], 4, 2.0, 100, [[1.0], [2.0], [3.0]]),
+                           report([50.0, 40.0], 6, 1.0, 300, [[4.0], [5.0]])])
+    assert merged["latencies_ms"] == [10.0, 30.0, 20.0, 50.0, 40.0]
+    assert merged["probabilities"] == [[1.0], [2.0], [3.0], [4.0], [5.0]]
+    assert merged["images_per_s"] == pytest.approx(10 / (4 / 2.0 + 6 / 1.0))  # images over the total time
+    assert merged["throughput_images"] == 10 and merged["images_measured"] == 15 and merged["measured_s"] == 4.0
+    assert merged["link_bytes"] == {"client": {"tx": 400, "rx": 20}}
+    assert merged["background_bytes"] == {"client": {"tx": 2, "rx": 2}}
+    assert merged["rounds_p50_ms"] == [20.0, 45.0]
+    # the bytes prediction sees exactly the images the rounds' probes send
+    images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    np.save(tmp_path / "images.npy", images)
+    sent = measured_images(tmp_path / "images.npy", RunPlan(latency_requests=5, throughput_images=3, rounds=2))
+    np.testing.assert_array_equal(sent, images[[0, 1, 2, 0, 1, 0, 1, 0]])
+
+
+def test_a_bad_rounds_count_is_one_error_line(monkeypatch, capsys):
+    from devit_mq.testbed import cli
+
+    monkeypatch.setattr(cli, "unavailable_reason", lambda: None)  # the check comes before anything is built
+    assert cli.main(["--requests", "3", "--rounds", "4"]) == 2
+    assert "= [1, 3], got 4" in capsys.readouterr().err
 
 def _results(rows: dict[str, tuple[float, float, dict[str, float]]]) -> dict:
     """Testbed results from {profile: (rate_mbit, delay_ms, {system: p50_ms})}."""
@@ -117,9 +166,15 @@ def test_short_run_answers_like_loopback_and_leaves_nothing(tmp_path):
     np.save(images_path, images)
     links = load_links()
     keep: dict = {}
+    plan = dataclasses.replace(QUICK, rounds=2)  # two alternating rounds per system, merged
     out = run_profile(LinkProfile("test", 100.0), links, ["devit", "pipeline", "monolith"], base, bundle, "raw",
-                      images_path, QUICK, tmp_path, keep=keep, say=lambda _m: None)
+                      images_path, plan, tmp_path, keep=keep, say=lambda _m: None)
     assert_nothing_left(keep["prefix"])
+    # each round's latency requests, one after the other: the first 3 images, then the first 2
+    images = np.concatenate([images[: r.latency_requests] for r in plan.per_round()])
+    for row in out.values():
+        assert row["rounds"] == 2 and len(row["latency_rounds_p50_ms"]) == 2
+        assert row["latency_requests"] == QUICK.latency_requests
 
     with Launcher(base, log_dir=tmp_path / "loopback") as launcher:
         loopback = launcher.client.predict(images, batch_size=1, window=1).probabilities

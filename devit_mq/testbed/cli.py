@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=RunPlan.latency_requests, help="batch-1 latency requests")
     p.add_argument("--throughput-images", type=int, default=RunPlan.throughput_images)
     p.add_argument("--window", type=int, default=RunPlan.window, help="requests in flight when pipelined")
+    p.add_argument("--rounds", type=int, default=RunPlan.rounds,
+                   help=f"split each system's requests over this many rounds, the systems' order reversing "
+                        f"every round, so the host's speed drift lands on all of them (default {RunPlan.rounds})")
     p.add_argument("--quick", action="store_true", help="a few requests per system (CI)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/testbed"))
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -70,14 +73,16 @@ def _bundle(args: argparse.Namespace) -> Path:
 
 def table(results: dict[str, Any]) -> list[str]:
     """The markdown table: system x profile."""
-    lines = ["| profile | system | p50 ms | p99 ms | img/s (pipelined) | bytes/image per link (measured / predicted) |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = ["| profile | system | p50 ms | p99 ms | p50 per round ms | img/s (pipelined) | "
+             "bytes/image per link (measured / predicted) |",
+             "|---|---|---:|---:|---|---:|---|"]
     for profile, systems in results["profiles"].items():
         for system, row in systems.items():
             links = ", ".join(f"{h} {row['bytes_per_image'][h]:,} / {row['bytes_per_image_predicted'][h]:,}"
                               for h in row["bytes_per_image"])
+            rounds = " ".join(f"{p:.1f}" for p in row.get("latency_rounds_p50_ms", []))
             lines.append(f"| {profile} | {system} | {row['latency_p50_ms']:.1f} | {row['latency_p99_ms']:.1f} | "
-                         f"{row['images_per_s']:.1f} | {links} |")
+                         f"{rounds} | {row['images_per_s']:.1f} | {links} |")
     return lines
 
 
@@ -213,8 +218,12 @@ def main(argv: list[str]) -> int:
         print(f"devit-mq: error: unknown profile(s) {unknown} or system(s) {sorted(set(systems) - set(SYSTEMS))}; "
               f"profiles: {', '.join(links.profiles)}; systems: {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
-    plan = QUICK if args.quick else RunPlan(latency_requests=args.requests, throughput_images=args.throughput_images,
-                                            window=args.window)
+    try:
+        plan = QUICK if args.quick else RunPlan(latency_requests=args.requests, throughput_images=args.throughput_images,
+                                                window=args.window, rounds=args.rounds)
+    except ValueError as exc:
+        print(f"devit-mq: error: {exc}", file=sys.stderr)
+        return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
     bundle = _bundle(args)
     from devit_mq.model import load_manifest

@@ -1,5 +1,11 @@
 """One testbed run: for each link profile, build the hosts, then measure DeViT, layer-wise pipeline
-partitioning and the monolithic teacher on the same links, one after the other, and tear down.
+partitioning and the monolithic teacher on the same links, in alternating rounds, and tear down.
+
+Rounds: each system's requests are split over ``RunPlan.rounds`` rounds, and the order of the
+systems reverses every round (DeViT, pipeline, monolith, then monolith, pipeline, DeViT, ...). A
+shared host's speed drifts by tens of percent within minutes; with one block per system that drift
+lands on whichever system ran in the slow minute, with alternating rounds it lands on all of them
+alike. Each round starts its system's processes afresh (the same cost for every system).
 
 Hosts: ``client``, ``aggregator``, ``edge0`` .. ``edge{N-1}``; every one has its own link at the
 profile's rate and (except the client, by default) the same CPU cap. DeViT runs its aggregator and
@@ -9,6 +15,7 @@ hosts; the monolith runs on ``edge0``. The client host runs :mod:`devit_mq.testb
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -46,9 +53,29 @@ class RunPlan:
     window: int = 4  # requests in flight for the pipelined throughput
     timeout_s: float = 120.0
     seed: int = 0
+    rounds: int = 2  # each system's requests are split over this many rounds (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rounds <= min(self.latency_requests, self.throughput_images):
+            raise ValueError(f"rounds must be in [1, min(latency requests, throughput images)] = "
+                             f"[1, {min(self.latency_requests, self.throughput_images)}], got {self.rounds}")
+
+    def per_round(self) -> list[RunPlan]:
+        """One plan per round; the requests are split as evenly as they go."""
+        def split(n: int, r: int) -> int:
+            return n // self.rounds + (1 if r < n % self.rounds else 0)
+
+        return [dataclasses.replace(self, latency_requests=split(self.latency_requests, r),
+                                    throughput_images=split(self.throughput_images, r), rounds=1)
+                for r in range(self.rounds)]
 
 
-QUICK = RunPlan(latency_requests=5, throughput_images=6, warmup=1, window=2)
+QUICK = RunPlan(latency_requests=5, throughput_images=6, warmup=1, window=2, rounds=1)
+
+
+def round_orders(systems: Sequence[str], rounds: int) -> list[list[str]]:
+    """The systems in the order each round runs them: as given, then reversed, alternately."""
+    return [list(systems) if r % 2 == 0 else list(reversed(systems)) for r in range(rounds)]
 
 
 def _ms_stats(latencies_ms: Sequence[float]) -> dict[str, float]:
@@ -145,19 +172,42 @@ def predicted_messages(system: str, topology_path: Path, stages: int, images: np
 
 
 def measured_images(images_path: Path, plan: RunPlan) -> np.ndarray:
-    """The images the probe sends between "go" and "done" (latency requests, then throughput)."""
+    """The images the probes send between "go" and "done", round after round (each round: its
+    latency requests, then its throughput images)."""
     images = np.load(images_path)
-    return np.concatenate([images[np.arange(plan.latency_requests) % len(images)],
-                           images[np.arange(plan.throughput_images) % len(images)]])
+    return np.concatenate([images[np.arange(n) % len(images)] for rp in plan.per_round()
+                           for n in (rp.latency_requests, rp.throughput_images)])
+
+
+def merge_rounds(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One probe report from a system's rounds: latencies, answers, images and link bytes added up,
+    throughput over the rounds' total time, and each round's latency p50 (the spread)."""
+    hosts = reports[0]["link_bytes"]
+
+    def total(key: str) -> dict[str, dict[str, float]]:
+        return {h: {d: sum(r[key][h][d] for r in reports) for d in ("tx", "rx")} for h in hosts}
+
+    images = sum(r["throughput_images"] for r in reports)
+    seconds = sum(r["throughput_images"] / r["images_per_s"] for r in reports)
+    return {**reports[0],
+            "latencies_ms": [x for r in reports for x in r["latencies_ms"]],
+            "probabilities": [p for r in reports for p in r["probabilities"]],
+            "images_per_s": images / seconds, "throughput_images": images,
+            "images_measured": sum(r["images_measured"] for r in reports),
+            "link_bytes": total("link_bytes"), "background_bytes": total("background_bytes"),
+            "measured_s": sum(r["measured_s"] for r in reports),
+            "warmup_s": max(r["warmup_s"] for r in reports),
+            "rounds_p50_ms": [percentiles(r["latencies_ms"], (50,))["p50"] for r in reports]}
 
 
 class Phase:
     """One system on a built testbed: start its servers, run the probe on the client host, stop."""
 
     def __init__(self, tb: Testbed, system: str, profile: LinkProfile, plan: RunPlan, work_dir: Path,
-                 images_path: Path, python: str = sys.executable) -> None:
+                 images_path: Path, python: str = sys.executable, round_index: int = 0) -> None:
         self.tb, self.system, self.profile, self.plan = tb, system, profile, plan
         self.work_dir, self.images_path, self.python = work_dir, images_path, python
+        self.tag = f"{system}-r{round_index}"  # names this round's logs and probe config
         self.logs = work_dir / "logs" / profile.name
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -177,7 +227,7 @@ class Phase:
                         "--faults", faults, "--seed", str(spec.rank)]
             else:
                 argv = [self.python, "-m", "devit_mq.cli", "node", str(topology_path), "--name", spec.name]
-            self.tb.spawn(spec.name, argv, self.logs / f"{self.system}-{spec.name}.log")
+            self.tb.spawn(spec.name, argv, self.logs / f"{self.tag}-{spec.name}.log")
 
     def start_chain(self, bundle: Path, stages: int, threads: int = 1) -> str:
         """Start ``stages`` stages on edge0.. and return the first stage's endpoint."""
@@ -188,7 +238,7 @@ class Phase:
             argv = [self.python, "-m", "devit_mq.testbed.pipeline", "--bundle", str(bundle), "--stage", str(i),
                     "--stages", str(stages), "--bind", f"tcp://*:{STAGE_PORT + i}", "--next", nxt,
                     "--threads", str(threads), "--seed", str(i), *self._faults()]
-            self.tb.spawn(host, argv, self.logs / f"{self.system}-stage{i}.log")
+            self.tb.spawn(host, argv, self.logs / f"{self.tag}-stage{i}.log")
         return f"tcp://{self.tb.ip('edge0')}:{STAGE_PORT}"
 
     def probe(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -199,9 +249,9 @@ class Phase:
                "throughput_images": p.throughput_images, "window": p.window, "delay_ms": self.profile.delay_ms,
                "jitter_ms": self.profile.jitter_ms, "seed": p.seed, "timeout_s": p.timeout_s,
                "connect_timeout_s": p.timeout_s, **cfg}
-        cfg_path = self.work_dir / f"probe-{self.profile.name}-{self.system}.json"
+        cfg_path = self.work_dir / f"probe-{self.profile.name}-{self.tag}.json"
         cfg_path.write_text(json.dumps(cfg))
-        err_path = self.logs / f"{self.system}-probe.log"
+        err_path = self.logs / f"{self.tag}-probe.log"
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(self.tb.command("client", [self.python, "-m", "devit_mq.testbed.probe",
                                                                str(cfg_path)]),
@@ -272,9 +322,10 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
                 image_codec: str, images_path: Path, plan: RunPlan, work_dir: Path,
                 image_quality: int | None = None, say: Callable[[str], None] = print,
                 keep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every system of ``systems`` on one freshly built testbed of ``profile``; torn down after."""
+    """Every system of ``systems`` on one freshly built testbed of ``profile``, in ``plan.rounds``
+    alternating rounds (:func:`round_orders`); torn down after. A row per system: its rounds merged
+    (:func:`merge_rounds`), with each round's p50 in ``latency_rounds_p50_ms``."""
     from devit_mq.model import load_manifest
-    from devit_mq.topology import load_topology
 
     manifest = load_manifest(bundle)
     n = len(manifest.submodels)
@@ -282,35 +333,48 @@ def run_profile(profile: LinkProfile, links: LinksFile, systems: Sequence[str], 
     hosts = [HostSpec(name, profile.rate_mbit, links.device_of(name).cpu, links.device_of(name).cpus,
                       links.device_of(name).cpu_period_ms)
              for name in names]
-    out: dict[str, Any] = {}
+    reports: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
+    seconds = dict.fromkeys(systems, 0.0)
     with Testbed(hosts) as tb:
         if keep is not None:
             keep["prefix"] = tb.prefix
         ips = {name: tb.ip(name) for name in names}
         topo = testbed_topology(base_topology, bundle, ips, image_codec, work_dir, image_quality)
-        for system in systems:
-            phase = Phase(tb, system, profile, plan, work_dir, images_path)
-            t0 = time.monotonic()
-            if system == "devit":
-                phase.start_devit(topo)
-                report = phase.probe({"system": "devit", "topology": str(topo)})
-                used = names
-                stages = n
-            else:
-                stages = n if system == "pipeline" else 1
-                first = phase.start_chain(bundle, stages)
-                report = phase.probe({"system": "chain", "first": first, "result_bind": f"tcp://*:{RESULT_PORT}",
-                                      "image_codec": image_codec,
-                                      "image_quality": load_topology(topo).image_quality})
-                used = ["client", *(f"edge{i}" for i in range(stages))]
-            tb.stop_processes()
-            row = summarize_phase(report, predicted_messages(system, topo, stages, measured_images(images_path, plan)),
-                                  used)
-            row["stages"] = stages if system != "devit" else None
-            row["probabilities"] = report["probabilities"]
-            out[system] = row
-            say(f"  {profile.name:14s} {system:9s} p50 {row['latency_p50_ms']:8.2f} ms  p99 "
-                f"{row['latency_p99_ms']:8.2f} ms  {row['images_per_s']:7.2f} img/s  bytes/img "
-                + ", ".join(f"{h} {b}" for h, b in row["bytes_per_image"].items())
-                + f"  ({time.monotonic() - t0:.0f} s)")
+        for r, (order, round_plan) in enumerate(zip(round_orders(systems, plan.rounds), plan.per_round(), strict=True)):
+            for system in order:
+                t0 = time.monotonic()
+                phase = Phase(tb, system, profile, round_plan, work_dir, images_path, round_index=r)
+                reports[system].append(_run_round(phase, topo, bundle, image_codec, n))
+                seconds[system] += time.monotonic() - t0
+    out: dict[str, Any] = {}
+    for system in systems:
+        stages = n if system != "monolith" else 1
+        used = names if system == "devit" else ["client", *(f"edge{i}" for i in range(stages))]
+        report = merge_rounds(reports[system])
+        row = summarize_phase(report, predicted_messages(system, topo, stages, measured_images(images_path, plan)),
+                              used)
+        row["stages"] = stages if system != "devit" else None
+        row["rounds"] = plan.rounds
+        row["latency_rounds_p50_ms"] = report["rounds_p50_ms"]
+        row["probabilities"] = report["probabilities"]
+        out[system] = row
+        say(f"  {profile.name:14s} {system:9s} p50 {row['latency_p50_ms']:8.2f} ms  p99 "
+            f"{row['latency_p99_ms']:8.2f} ms  {row['images_per_s']:7.2f} img/s  bytes/img "
+            + ", ".join(f"{h} {b}" for h, b in row["bytes_per_image"].items())
+            + f"  (p50 per round {', '.join(f'{p:.1f}' for p in report['rounds_p50_ms'])} ms; {seconds[system]:.0f} s)")
     return out
+
+
+def _run_round(phase: Phase, topo: Path, bundle: Path, image_codec: str, edges: int) -> dict[str, Any]:
+    """Start ``phase``'s system, run its probe, stop its processes; the probe's report."""
+    from devit_mq.topology import load_topology
+
+    try:
+        if phase.system == "devit":
+            phase.start_devit(topo)
+            return phase.probe({"system": "devit", "topology": str(topo)})
+        first = phase.start_chain(bundle, edges if phase.system == "pipeline" else 1)
+        return phase.probe({"system": "chain", "first": first, "result_bind": f"tcp://*:{RESULT_PORT}",
+                            "image_codec": image_codec, "image_quality": load_topology(topo).image_quality})
+    finally:
+        phase.tb.stop_processes()
