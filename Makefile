@@ -55,7 +55,8 @@ bench-hostile: install
 
 # The edge testbed (root): every link profile of topologies/testbed/links.yaml, DeViT vs layer-wise
 # pipeline partitioning vs the monolithic teacher on the same emulated hosts and links (bench shapes,
-# real photos), once with raw and once with JPEG images: tables, JSON and plots (about 20 minutes with the five profiles).
+# real photos), once with raw and once with JPEG images, each in two alternating rounds per system: tables,
+# JSON and plots (about 25 minutes with the five profiles).
 TESTBED_ARGS ?= --requests 80 --throughput-images 48
 testbed: install
 	$(DEVIT) testbed --image-codec raw $(TESTBED_ARGS) --json runs/testbed-raw.json --plot runs/testbed-raw.png
