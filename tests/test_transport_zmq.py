@@ -365,7 +365,7 @@ def test_a_burst_is_drained_in_order_and_no_socket_starves_another(tmp_path):
         for tag in (b"c", b"a"):
             assert [g for g in got if g.startswith(tag)] == [tag + b"%d" % i for i in range(n)]
         run = longest = 0
-        for prev, cur in zip(got, got[1:]):
+        for prev, cur in zip(got, got[1:], strict=False):
             run = run + 1 if cur[:1] == prev[:1] else 0
             longest = max(longest, run + 1)
         assert longest <= DRAIN_PER_POLL, got

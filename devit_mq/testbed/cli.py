@@ -136,7 +136,7 @@ def bandwidth_sweep(results: dict[str, Any]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"delay_ms": delay, "jitter_ms": jitter, "steps": steps}
         if all("p50_vs_pipeline" in s for s in steps):
             ratios = [s["p50_vs_pipeline"] for s in steps]
-            entry["grows_vs_pipeline"] = all(b > a for a, b in zip(ratios, ratios[1:]))
+            entry["grows_vs_pipeline"] = all(b > a for a, b in zip(ratios, ratios[1:], strict=False))
         out.append(entry)
     return out
 
@@ -158,11 +158,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             row = [(results["links"][p]["rate_mbit"], profiles[p][system]["latency_p50_ms"])
                    for p in names if system in profiles[p]]
             if row:
-                lat_ax.plot(*zip(*row), color=f"C{i}", label=system + suffix, **style)
+                lat_ax.plot(*zip(*row, strict=True), color=f"C{i}", label=system + suffix, **style)
             if system != "devit" and row and all("devit" in profiles[p] for p in names):
                 ratios = [(results["links"][p]["rate_mbit"],
                            profiles[p][system]["latency_p50_ms"] / profiles[p]["devit"]["latency_p50_ms"]) for p in names]
-                speed_ax.plot(*zip(*ratios), color=f"C{i}", label=f"vs {system}{suffix}", **style)
+                speed_ax.plot(*zip(*ratios, strict=True), color=f"C{i}", label=f"vs {system}{suffix}", **style)
     for ax, ylabel in ((lat_ax, "batch-1 latency p50 (ms)"), (speed_ax, "DeViT p50 speedup (x)")):
         ax.set_xscale("log")
         ax.set_xlabel("link rate (Mbit/s)")

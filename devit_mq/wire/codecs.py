@@ -44,8 +44,9 @@ of 5-7 repeats, numpy vs Numba: int8 quantise 10-90 us vs 1.4-10 us (per vector)
 at 192 values and 85 us vs 11 us at 49,152; float16->float32 0.7 vs 0.3 us and 61 vs 9 us; the NaN/Inf
 check 1.0 vs 0.4 us and 4.2 vs 1.7 us. Numba wins at every size, so it is always used when
 installed. The NaN/Inf check reads the payload's bits (exponent all ones) before the array is
-built, for fp32, fp16 and bf16 alike: one kernel call, and nothing decoded for a refused message. The kernels compile on first use (about 1 s, then cached on disk; importing Numba costs
-0.3 s): call :func:`warmup` at node start to keep that off the first message.
+built, for fp32, fp16 and bf16 alike: one kernel call, and nothing decoded for a refused message.
+The kernels compile on first use (about 1 s, then cached on disk; importing Numba costs 0.3 s): call
+:func:`warmup` at node start to keep that off the first message.
 """
 
 from __future__ import annotations
