@@ -31,7 +31,7 @@ from msgspec import Meta, Struct
 # 2: typed meta per kind, control ops as a tagged union, names restricted to NAME_RE
 # 3: status replies say how long ago each edge was heard from and which package version runs
 # 4: the ``jpeg`` image codec
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 
 #: every array codec, in the order reports list them; ``raw`` carries images (their own dtype)
 CODEC_NAMES = ("raw", "fp32", "fp16", "bf16", "int8", "int8-block", "jpeg")
@@ -190,8 +190,11 @@ class _Op(_Schema, tag_field="op"):
 
 
 class Hello(_Op, tag="hello"):
-    """A client announces itself to the aggregator (which binds its name to the connection) and
-    asks for a :class:`Status`."""
+    """A client announces itself to the aggregator (which binds its name to the connection) and,
+    with ``reply``, asks for a :class:`Status`; a refresh of the binding says ``reply=False`` (a
+    status carries every node's telemetry: kilobytes on the client's link)."""
+
+    reply: bool = True
 
 
 class StatusQuery(_Op, tag="status"):

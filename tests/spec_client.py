@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 import zmq.auth
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 IMAGE, FEATURES, RESULT, ERROR, HEARTBEAT, CONTROL = 1, 2, 3, 4, 5, 6
 HEADER_ORDER = ("v", "k", "s", "r", "i", "c", "t", "h", "b", "m", "ts", "x")
 #: the status reply's fields and their defaults (a field equal to its default is not sent)

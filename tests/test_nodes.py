@@ -319,32 +319,61 @@ def test_a_node_tells_its_transport_when_it_is_idle_and_when_work_comes(monkeypa
     assert hints == [True, False, True]
 
 
-def test_a_client_says_hello_again_only_when_answers_stop(monkeypatch):
-    """Answers that keep coming prove the binding: a busy client sends no refresh hellos (each costs
-    a full status reply); after REHELLO_S without an answer it rebinds (a restarted aggregator)."""
+def test_a_client_refreshes_its_hello_only_without_signs_of_its_binding(monkeypatch):
+    """Answers that keep coming prove the binding: a busy client sends no refresh hellos. One that
+    was idle refreshes before its next request's images, and one whose requests in flight go
+    unanswered for REHELLO_S refreshes then (a restarted aggregator); refreshes ask for no status."""
     from devit_mq.protocol import ErrorMeta, Hello
     from devit_mq.wire import decode
 
     hub = InprocHub()
-    InprocTransport(hub, "edge0")
+    edge = InprocTransport(hub, "edge0")
     aggregator = InprocTransport(hub, "aggregator")
     client = ClientNode("c", InprocTransport(hub, "c"), Roster("aggregator", {0: "edge0"}), timeout_s=30)
 
-    def hellos() -> int:
-        n = 0
-        while (got := aggregator.recv(0.05)) is not None:
-            n += isinstance(decode(got.frames).meta, Hello)
-        return n
+    def hellos() -> list[bool]:
+        """The ``reply`` flag of each hello the aggregator got."""
+        got = []
+        while (msg := aggregator.recv(0.05)) is not None:
+            meta = decode(msg.frames).meta
+            if isinstance(meta, Hello):
+                got.append(meta.reply)
+        return got
 
     client.hello()
     ids = client.submit(images(2))
-    assert hellos() == 1
+    assert hellos() == [True]
     aggregator.send("c", encode(Message(Kind.ERROR, "aggregator", request_ids=(ids[0],),
                                         meta=ErrorMeta(code="overloaded", message="busy"))))
     assert [a.request_id for a in client.collect(1.0)] == [ids[0]]
     client._last_hello -= 60  # the last hello is long past, but an answer just came
     client.collect(0.01)
-    assert hellos() == 0
-    client._last_answer -= 60  # and now nothing has been answered for a minute
+    assert hellos() == []
+    client._last_answer -= 60  # nothing answered for a minute, but the request in flight is new
     client.collect(0.01)
-    assert hellos() == 1
+    assert hellos() == []
+    client._busy_since -= 60  # and it has waited a minute
+    client.collect(0.01)
+    assert hellos() == [False]
+
+    client.outstanding.clear()  # idle for a minute, then a request: a refresh goes out first
+    client._last_hello -= 60
+    while edge.recv(0.01) is not None:
+        pass
+    client.submit(images(1))
+    assert hellos() == [False] and edge.recv(1.0) is not None
+    client.collect(0.01)  # and its wait starts now
+    assert hellos() == []
+
+
+def test_the_aggregator_answers_a_hello_with_its_status_unless_told_not_to(bundle):
+    from devit_mq.protocol import Hello, Status
+    from devit_mq.wire import decode
+
+    with Cluster(bundle) as cluster:
+        stranger = InprocTransport(cluster.hub, "stranger")
+        for reply in (True, False, True):
+            stranger.send("aggregator", encode(Message(Kind.CONTROL, "stranger", meta=Hello(reply=reply))))
+            got = stranger.recv(2.0)
+            assert (got is not None and isinstance(decode(got.frames).meta, Status)) == reply, reply
+        assert cluster.aggregator.clients.route("stranger") is not None  # bound either way

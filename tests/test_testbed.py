@@ -184,9 +184,10 @@ def test_short_run_answers_like_loopback_and_leaves_nothing(tmp_path):
         assert row["latency_p50_ms"] > 0 and row["images_per_s"] > 0, system
         for host, ratio in row["bytes_per_image_ratio"].items():
             # measured on the interface vs the wire format (+ TCP/IP headers and ACKs); the aggregator's
-            # link carries only small messages next to the edges' heartbeats, whose share (estimated
-            # from an idle second and subtracted) is large at a few requests: a loose bound there
-            low, high = (0.5, 1.5) if host == "aggregator" else (0.93, 1.07)
+            # link carries only small messages next to the edges' heartbeats (~0.8 KB each, every
+            # 0.5 s), estimated from 2 idle seconds and subtracted: whether one falls in a round's
+            # ~0.1 s is chance, worth +-25% at a few requests, so a looser bound there
+            low, high = (0.7, 1.5) if host == "aggregator" else (0.93, 1.07)
             assert ratio is not None and low < ratio < high, (system, host, row["bytes_per_image"])
     # the monolith is the in-process teacher; the pipeline is it too, up to its fp16 activations
     import torch

@@ -148,7 +148,9 @@ class AggregatorNode(NodeBase):
             self.send(peer, Message(Kind.ERROR, self.name, reply_to=msg.source, meta=ErrorMeta(
                 code="unauthorized", message=f"client name {msg.source!r} is bound to another live connection")))
             return
-        self.control(peer, self.status())
+        assert isinstance(msg.meta, Hello)
+        if msg.meta.reply:
+            self.control(peer, self.status())
 
     def _probe(self, old: Peer) -> bool:
         """Is a bound connection still there? A tiny message to it fails at once with ``GONE`` if

@@ -277,11 +277,11 @@ class Phase:
         proc.stdin.flush()
         expect("done")
         after = self.tb.link_bytes()
+        measured_s = time.monotonic() - t_go  # the counters' window: the background scales with it
         proc.stdin.write("report\n")
         proc.stdin.flush()
         report = json.loads(expect(""))
         proc.wait(30)
-        measured_s = time.monotonic() - t_go
         report["link_bytes"] = {h: {d: after[h][d] - before[h][d] for d in ("tx", "rx")} for h in after}
         report["background_bytes"] = {h: {d: (before[h][d] - idle[h][d]) * measured_s / IDLE_S for d in ("tx", "rx")}
                                       for h in after}
