@@ -366,6 +366,21 @@ def test_a_client_refreshes_its_hello_only_without_signs_of_its_binding(monkeypa
     assert hellos() == []
 
 
+def test_an_idle_clients_next_request_survives_an_aggregator_that_forgot_it(bundle):
+    """A restarted aggregator knows no client: an idle client's refresh goes out ahead of its images,
+    so the very first answer after the idle spell is routed (not dropped and waited out)."""
+    with Cluster(bundle) as cluster:
+        client = cluster.client(timeout_s=1.5)  # shorter than REHELLO_S: a late refresh would lose it
+        client.connect(10)
+        assert not client.predict(images(1), batch_size=1).errors
+        cluster.aggregator.clients.forget(client.name)  # as after a restart
+        client._last_hello -= 60  # and the client idle for a minute
+        client._last_answer -= 60
+        pred = client.predict(images(1), batch_size=1)
+        assert not pred.errors, pred.errors
+        assert cluster.aggregator.metrics.counters.get("unroutable", 0) == 0
+
+
 def test_the_aggregator_answers_a_hello_with_its_status_unless_told_not_to(bundle):
     from devit_mq.protocol import Hello, Status
     from devit_mq.wire import decode
