@@ -34,6 +34,7 @@ import zmq
 import zmq.auth
 
 WIRE_VERSION = 5
+REFRESH_S = 2.0  # step 5: a hello without a reply after this long without a hello or an answer
 IMAGE, FEATURES, RESULT, ERROR, HEARTBEAT, CONTROL = 1, 2, 3, 4, 5, 6
 HEADER_ORDER = ("v", "k", "s", "r", "i", "c", "t", "h", "b", "m", "ts", "x")
 #: the status reply's fields and their defaults (a field equal to its default is not sent)
@@ -144,6 +145,7 @@ class SpecClient:
         self.dealer = self._socket(zmq.DEALER, aggregator)
         self.pushes = [self._socket(zmq.PUSH, edge) for edge in edges]
         self.ids = itertools.count(secrets.randbits(40) << 16)  # unique per client, random base
+        self.last_sign = 0.0  # time.monotonic() of the last hello sent or answer received (step 5)
         self.status: dict[str, Any] = {}
         self.aggregator_name: str | None = None
 
@@ -180,8 +182,10 @@ class SpecClient:
         for sock in (self.pushes if to == "edges" else [self.dealer]):
             sock.send_multipart(frames)
 
-    def hello(self) -> None:
-        self.send_raw(encode(CONTROL, self.name, meta={"op": "hello"}, stamps={"sent": time.time()}))
+    def hello(self, reply: bool = True) -> None:
+        meta = {"op": "hello"} if reply else {"op": "hello", "reply": False}
+        self.send_raw(encode(CONTROL, self.name, meta=meta, stamps={"sent": time.time()}))
+        self.last_sign = time.monotonic()
 
     def receive(self, timeout_s: float) -> dict[str, Any] | None:
         """The next valid message from the aggregator, or None after ``timeout_s``; malformed
@@ -219,6 +223,8 @@ class SpecClient:
     def submit(self, image: np.ndarray) -> int:
         """Send one image [H, W, C] (uint8) to every edge; returns its request id."""
         rid = next(self.ids)
+        if time.monotonic() - self.last_sign > REFRESH_S:
+            self.hello(reply=False)  # step 5: rebind (a restarted aggregator) before the images go out
         frames = encode(IMAGE, self.name, reply_to=self.name, ids=[rid], array=image[None],
                         stamps={"client_sent": time.time()})
         self.send_raw(frames, to="edges")
@@ -232,6 +238,7 @@ class SpecClient:
             if msg is None or rid not in msg["ids"]:
                 continue
             row = msg["ids"].index(rid)
+            self.last_sign = time.monotonic()
             if msg["k"] == RESULT:
                 meta = {**RESULT_DEFAULTS, **msg["meta"]}
                 probs = msg["array"][row]

@@ -124,6 +124,9 @@ def test_worked_examples_are_exactly_what_the_encoder_writes():
     # the spec client writes the same bytes as the real encoder, and reads the result the same way
     assert sc.encode(sc.CONTROL, "client-7", meta={"op": "hello"}, stamps={"sent": 1700000000.5}) == \
         encode(EXAMPLES["hello"])
+    refresh = sc.encode(sc.CONTROL, "client-7", meta={"op": "hello", "reply": False})
+    assert refresh == encode(Message(Kind.CONTROL, "client-7", meta=Hello(reply=False)))
+    assert decode(refresh).meta == Hello(reply=False)
     image = EXAMPLES["image"]
     assert sc.encode(sc.IMAGE, "client-7", reply_to="client-7", ids=[1], array=image.array,
                      stamps={"client_sent": 1700000000.75}) == encode(image)
