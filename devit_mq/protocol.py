@@ -31,6 +31,7 @@ from msgspec import Meta, Struct
 # 2: typed meta per kind, control ops as a tagged union, names restricted to NAME_RE
 # 3: status replies say how long ago each edge was heard from and which package version runs
 # 4: the ``jpeg`` image codec
+# 5: ``hello`` gained ``reply`` (refreshes of the binding ask for no status reply)
 WIRE_VERSION = 5
 
 #: every array codec, in the order reports list them; ``raw`` carries images (their own dtype)
