@@ -65,14 +65,19 @@ def reference(bundle: Path, imgs: np.ndarray, codec: str, missing=()) -> np.ndar
 
 
 def write_topology(path: Path, bundle: Path, n_edges: int = 2, transport: str = "zmq", codec: str = "fp32",
-                   attention: str = "torch", security: dict | None = None, **aggregator) -> Path:
+                   attention: str = "auto", security: dict | None = None, executor: str | None = "numpy",
+                   **aggregator) -> Path:
+    """A topology of ``n_edges`` edges on free local ports. Edges run the ``numpy`` executor unless
+    told otherwise: it is ready in ~2 s where a torch edge takes ~6 s (most tests start topologies
+    for what happens around the model); ``executor=None`` lets ``auto`` calibrate."""
     ports = free_ports(n_edges + 1)
     data = {
         "name": path.stem,
         "bundle": str(bundle),
         "transport": transport,
         "codec": codec,
-        "defaults": {"threads": 1, "attention": attention, "max_batch": 8, "max_wait_ms": 2.0},
+        "defaults": {"threads": 1, "attention": attention, "max_batch": 8, "max_wait_ms": 2.0,
+                     **({"executor": executor} if executor else {})},
         "aggregator": {"name": "aggregator", "host": "127.0.0.1", "port": ports[0],
                        "deadline_ms": 2000, **aggregator},
         "edges": [{"name": f"edge{i}", "submodel": i, "host": "127.0.0.1", "port": ports[i + 1]}

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("codec", ["int8"])
 def test_zmq_launch_matches_reference_and_serves_a_second_client(tmp_path, codec):
     bundle = make_bundle(tmp_path / "bundle")
-    topo = write_topology(tmp_path / "t.yaml", bundle, codec=codec, attention="auto")  # edges calibrate
+    topo = write_topology(tmp_path / "t.yaml", bundle, codec=codec, executor=None)  # edges calibrate
     imgs = images(20)
     with Launcher(topo, log_dir=tmp_path / "logs") as launcher:
         assert {r["role"] for r in launcher.describe()} == {"edge", "aggregator"}
@@ -42,7 +42,7 @@ def test_zmq_launch_matches_reference_and_serves_a_second_client(tmp_path, codec
 @pytest.mark.timeout(120)
 def test_killed_edge_gives_degraded_answers_and_launcher_notices(tmp_path):
     bundle = make_bundle(tmp_path / "bundle")
-    topo = write_topology(tmp_path / "t.yaml", bundle, deadline_ms=300)
+    topo = write_topology(tmp_path / "t.yaml", bundle, deadline_ms=300, executor="torch", attention="torch")
     imgs = images(4)
     with Launcher(topo, log_dir=tmp_path / "logs") as launcher:
         edge1 = next(p for p in launcher.processes if p.spec.name == "edge1")

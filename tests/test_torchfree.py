@@ -64,7 +64,7 @@ def run_topology_torch_free(python: str, tmp_path: Path, env: dict[str, str]) ->
     from PIL import Image
 
     bundle = make_bundle(tmp_path / "bundle")
-    topo = write_topology(tmp_path / "t.yaml", bundle, attention="auto")
+    topo = write_topology(tmp_path / "t.yaml", bundle, executor=None)
     data = yaml.safe_load(topo.read_text())
     for edge, executor in zip(data["edges"], ("numba", "numpy"), strict=True):
         edge["executor"] = executor
